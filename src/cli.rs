@@ -1,0 +1,209 @@
+//! The `confab` command line: `serve` runs the server, `token` prints a join
+//! token. Every `serve` flag can also be set from a `CONFAB_*` variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::auth::{self, Grants};
+use crate::config::{Config, Limits, DEFAULT_LISTEN};
+use crate::server::Server;
+use crate::signaling::protocol::IceServer;
+
+/// Confab: video calls, peer-to-peer for two.
+#[derive(Debug, Parser)]
+#[command(name = "confab", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the server (the default when no subcommand is given).
+    Serve(ServeArgs),
+    /// Print a join token for a room and identity.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address for HTTP, the WebSocket and the web client.
+    #[arg(long, env = "CONFAB_LISTEN", default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// HS256 secret for join tokens (at least 16 bytes). Without one the
+    /// server runs in dev mode and admits everyone.
+    #[arg(long, env = "CONFAB_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Allow dev mode (no secret) on a non-loopback address.
+    #[arg(long, env = "CONFAB_INSECURE")]
+    insecure: bool,
+    /// An ICE server URL handed to clients (repeatable), e.g.
+    /// `stun:stun.example.org:3478`.
+    #[arg(long = "ice-server", env = "CONFAB_ICE_SERVERS", value_delimiter = ',')]
+    ice_servers: Vec<String>,
+    /// Seconds an empty room is kept before it is removed.
+    #[arg(long, env = "CONFAB_EMPTY_ROOM_SECS", default_value_t = 5)]
+    empty_room_secs: u64,
+    /// Largest signaling message in bytes; larger closes the socket (1009).
+    #[arg(long, env = "CONFAB_MAX_MESSAGE_BYTES", default_value_t = Limits::default().max_message_bytes)]
+    max_message_bytes: usize,
+    /// Seconds a new socket has to send `join`.
+    #[arg(long, env = "CONFAB_JOIN_TIMEOUT_SECS", default_value_t = 10)]
+    join_timeout_secs: u64,
+    /// Sustained signaling messages per second per socket.
+    #[arg(long, env = "CONFAB_RATE_PER_SEC", default_value_t = Limits::default().rate_per_sec)]
+    rate_per_sec: f64,
+    /// Message burst per socket.
+    #[arg(long, env = "CONFAB_RATE_BURST", default_value_t = Limits::default().rate_burst)]
+    rate_burst: f64,
+    /// Members per room.
+    #[arg(long, env = "CONFAB_MAX_PARTICIPANTS", default_value_t = Limits::default().max_participants)]
+    max_participants: usize,
+    /// Simultaneous WebSocket connections.
+    #[arg(long, env = "CONFAB_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
+    max_connections: usize,
+}
+
+#[derive(Debug, Args)]
+struct TokenArgs {
+    /// The room the token admits to.
+    #[arg(long)]
+    room: String,
+    /// The participant's identity (token subject).
+    #[arg(long)]
+    identity: String,
+    /// Display name carried in the token.
+    #[arg(long)]
+    name: Option<String>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl: u64,
+    /// Deny publishing media.
+    #[arg(long)]
+    no_publish: bool,
+    /// Deny receiving media.
+    #[arg(long)]
+    no_subscribe: bool,
+    /// The server's secret.
+    #[arg(long, env = "CONFAB_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: String,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> Config {
+        let limits = Limits {
+            max_message_bytes: self.max_message_bytes,
+            join_timeout: Duration::from_secs(self.join_timeout_secs),
+            rate_per_sec: self.rate_per_sec,
+            rate_burst: self.rate_burst,
+            max_participants: self.max_participants,
+            max_connections: self.max_connections,
+            ..Limits::default()
+        };
+        Config {
+            listen: self.listen,
+            jwt_secret: self.jwt_secret.filter(|s| !s.is_empty()),
+            insecure: self.insecure,
+            ice_servers: self
+                .ice_servers
+                .into_iter()
+                .filter(|u| !u.is_empty())
+                .map(|url| IceServer {
+                    urls: vec![url],
+                    username: None,
+                    credential: None,
+                })
+                .collect(),
+            empty_room_timeout: Duration::from_secs(self.empty_room_secs),
+            limits,
+        }
+    }
+}
+
+/// Parses the command line and runs the chosen command; returns the process
+/// exit code.
+pub fn run() -> i32 {
+    let cli = Cli::parse();
+    // No subcommand means `serve` with its defaults (and CONFAB_* variables).
+    let command =
+        cli.command
+            .unwrap_or_else(|| match Cli::parse_from(["confab", "serve"]).command {
+                Some(c) => c,
+                None => unreachable!("`serve` was given"),
+            });
+    match command {
+        Cmd::Token(args) => {
+            if args.jwt_secret.len() < 16 {
+                eprintln!("confab: --jwt-secret must be at least 16 bytes");
+                return 2;
+            }
+            let grants = Grants {
+                publish: !args.no_publish,
+                subscribe: !args.no_subscribe,
+            };
+            let token = auth::issue(
+                &args.jwt_secret,
+                &args.room,
+                &args.identity,
+                args.name.as_deref(),
+                args.ttl,
+                grants,
+            );
+            println!("{token}");
+            0
+        }
+        Cmd::Serve(args) => serve(args.into_config()),
+    }
+}
+
+fn serve(config: Config) -> i32 {
+    init_tracing();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("confab: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    runtime.block_on(async move {
+        let dev = config.dev_mode();
+        let server = match Server::bind(config).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("confab: {e}");
+                return 1;
+            }
+        };
+        let addr = server.local_addr();
+        if dev {
+            tracing::warn!(
+                "DEV MODE: no --jwt-secret set, anyone who can reach {addr} can join any room"
+            );
+        }
+        println!("Confab is running. Open http://{addr}/ in two browser windows to start a call.");
+        let stop = server.shutdown_handle();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+            stop.shutdown();
+        });
+        match server.run().await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("confab: server error: {e}");
+                1
+            }
+        }
+    })
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("CONFAB_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

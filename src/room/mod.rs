@@ -1,0 +1,231 @@
+//! Rooms: membership, the media mode, and relaying between members.
+//!
+//! [`Rooms`] is the registry (a `DashMap` from room id to a [`RoomHandle`]).
+//! Each room is a single task that owns its member list and mode state and
+//! is driven by [`Command`]s, so no lock is ever held across two rooms or
+//! across an await. Sessions talk to a room only through its handle; a room
+//! talks to a participant only through that participant's bounded outbox.
+//!
+//! Lifecycle: a room is created by the first `join` for its id, and removes
+//! itself from the registry once it has been empty for
+//! `Config::empty_room_timeout`. A join racing with that removal finds the
+//! command channel closed or its reply dropped, and retries on a fresh room.
+
+mod mode;
+mod room;
+
+pub use mode::{ModeMember, ModeState};
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::auth::Grants;
+use crate::metrics::Metrics;
+use crate::signaling::protocol::{ErrorCode, IceServer, LeaveReason, ServerMessage};
+
+/// A serialised server message, shared between all recipients of a
+/// broadcast.
+pub type Outgoing = Arc<str>;
+
+/// Why the room removed a participant on its own initiative. The session
+/// sends `code` and closes the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kick {
+    /// Error code sent to the kicked client.
+    pub code: ErrorCode,
+}
+
+/// What a session hands to a room when it joins.
+#[derive(Debug)]
+pub struct NewParticipant {
+    /// Display name (already validated).
+    pub name: String,
+    /// Token identity, when auth is on. At most one live member per identity.
+    pub identity: Option<String>,
+    /// Token grants.
+    pub grants: Grants,
+    /// The session's bounded outbound queue.
+    pub outbox: mpsc::Sender<Outgoing>,
+    /// Fired when the room removes the participant itself.
+    pub kick: oneshot::Sender<Kick>,
+}
+
+/// Commands a room task obeys.
+#[derive(Debug)]
+pub enum Command {
+    /// Admit a participant; the reply carries its id. The room sends
+    /// `joined` into the participant's outbox before anything else.
+    Join {
+        /// The joiner.
+        participant: NewParticipant,
+        /// The outcome.
+        reply: oneshot::Sender<JoinReply>,
+    },
+    /// A participant is gone.
+    Leave {
+        /// Who.
+        id: String,
+        /// Why.
+        reason: LeaveReason,
+    },
+    /// Relay `message` (already carrying `from`) to member `to`.
+    Relay {
+        /// Sender id (gets `not_a_member` if `to` is unknown).
+        from: String,
+        /// Target id.
+        to: String,
+        /// The message to deliver.
+        message: ServerMessage,
+    },
+    /// A member's mute state.
+    MediaState {
+        /// Who.
+        id: String,
+        /// Microphone muted.
+        audio_muted: bool,
+        /// Camera off.
+        video_muted: bool,
+    },
+}
+
+/// A room's answer to [`Command::Join`].
+#[derive(Debug)]
+pub enum JoinReply {
+    /// Admitted with this participant id.
+    Accepted(String),
+    /// Refused.
+    Refused(ErrorCode),
+    /// The room was closing; join a fresh room with the same participant.
+    Retry(NewParticipant),
+}
+
+/// A cheap, clonable way to reach a room task.
+#[derive(Debug, Clone)]
+pub struct RoomHandle {
+    tx: mpsc::Sender<Command>,
+    generation: u64,
+}
+
+impl RoomHandle {
+    /// Sends a command; `false` if the room has ended.
+    pub async fn send(&self, command: Command) -> bool {
+        self.tx.send(command).await.is_ok()
+    }
+}
+
+/// Settings rooms need.
+#[derive(Debug, Clone)]
+pub struct RoomSettings {
+    /// Members per room.
+    pub max_participants: usize,
+    /// Delay before an empty room is removed.
+    pub empty_room_timeout: Duration,
+    /// ICE servers sent in `joined`.
+    pub ice_servers: Vec<IceServer>,
+}
+
+/// The registry of live rooms.
+#[derive(Debug)]
+pub struct Rooms {
+    map: Arc<DashMap<String, RoomHandle>>,
+    settings: Arc<RoomSettings>,
+    metrics: Arc<Metrics>,
+    next_generation: AtomicU64,
+    /// Join order across the whole server; also makes participant ids unique.
+    next_seq: Arc<AtomicU64>,
+}
+
+/// Bound of a room's command queue. Senders wait when it is full, so a busy
+/// room slows its own members down and nobody else.
+const ROOM_COMMAND_QUEUE: usize = 1024;
+
+impl Rooms {
+    /// An empty registry.
+    pub fn new(settings: RoomSettings, metrics: Arc<Metrics>) -> Self {
+        Rooms {
+            map: Arc::new(DashMap::new()),
+            settings: Arc::new(settings),
+            metrics,
+            next_generation: AtomicU64::new(1),
+            next_seq: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    /// Number of live rooms.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// `true` when no room exists.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Whether a room with this id exists now.
+    pub fn contains(&self, room: &str) -> bool {
+        self.map.contains_key(room)
+    }
+
+    fn get_or_create(&self, room: &str) -> RoomHandle {
+        if let Some(h) = self.map.get(room) {
+            return h.clone();
+        }
+        self.map
+            .entry(room.to_owned())
+            .or_insert_with(|| {
+                let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+                let (tx, rx) = mpsc::channel(ROOM_COMMAND_QUEUE);
+                let task = room::Room::new(
+                    room.to_owned(),
+                    generation,
+                    Arc::clone(&self.settings),
+                    Arc::clone(&self.map),
+                    Arc::clone(&self.metrics),
+                    Arc::clone(&self.next_seq),
+                );
+                tokio::spawn(task.run(rx));
+                RoomHandle { tx, generation }
+            })
+            .clone()
+    }
+
+    /// Joins `room`, creating it if needed. Returns the room's handle and the
+    /// new participant id.
+    pub async fn join(
+        &self,
+        room: &str,
+        mut participant: NewParticipant,
+    ) -> Result<(RoomHandle, String), ErrorCode> {
+        // A closing room hands the participant back; retry on a fresh room.
+        // One retry covers the race; the bound keeps a bug from spinning.
+        for _ in 0..4 {
+            let handle = self.get_or_create(room);
+            let (reply_tx, reply_rx) = oneshot::channel();
+            let command = Command::Join {
+                participant,
+                reply: reply_tx,
+            };
+            participant = match handle.tx.send(command).await {
+                Ok(()) => match reply_rx.await {
+                    Ok(JoinReply::Accepted(id)) => return Ok((handle, id)),
+                    Ok(JoinReply::Refused(code)) => return Err(code),
+                    Ok(JoinReply::Retry(p)) => p,
+                    // The room task is gone without answering (it panicked).
+                    Err(_) => return Err(ErrorCode::ServerShutdown),
+                },
+                Err(mpsc::error::SendError(Command::Join { participant: p, .. })) => p,
+                Err(_) => return Err(ErrorCode::ServerShutdown),
+            };
+            self.forget(room, handle.generation);
+        }
+        Err(ErrorCode::ServerShutdown)
+    }
+
+    fn forget(&self, room: &str, generation: u64) {
+        self.map.remove_if(room, |_, h| h.generation == generation);
+    }
+}

@@ -1,0 +1,268 @@
+//! Shared harness: a real server on an ephemeral loopback port, and a
+//! WebSocket client speaking the protocol.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use confab::config::Config;
+use confab::server::{Server, ShutdownHandle};
+
+/// How long any single expected message may take.
+pub const STEP: Duration = Duration::from_secs(5);
+
+/// A running server; shuts down when dropped.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub rooms: std::sync::Arc<confab::room::Rooms>,
+    pub metrics: std::sync::Arc<confab::metrics::Metrics>,
+    stop: ShutdownHandle,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Stops the server and waits (bounded) for it to finish.
+    pub async fn shutdown(mut self) {
+        self.stop.shutdown();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(STEP, task).await;
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop.shutdown();
+    }
+}
+
+/// A dev-mode server with default limits on 127.0.0.1:0.
+pub async fn start_server() -> TestServer {
+    start_server_with(test_config()).await
+}
+
+/// The default test configuration: loopback, ephemeral port, dev mode.
+pub fn test_config() -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    }
+}
+
+/// A server with `cfg` (its listen address is used as given).
+pub async fn start_server_with(cfg: Config) -> TestServer {
+    let server = Server::bind(cfg).await.expect("server binds");
+    let addr = server.local_addr();
+    let stop = server.shutdown_handle();
+    let rooms = server.rooms();
+    let metrics = server.metrics();
+    let task = tokio::spawn(async move {
+        server.run().await.expect("server runs");
+    });
+    TestServer {
+        addr,
+        rooms,
+        metrics,
+        stop,
+        task: Some(task),
+    }
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// What a client observed when reading.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A JSON text message.
+    Json(Value),
+    /// A close frame with its code.
+    Close(Option<u16>),
+    /// The stream ended or failed without a close frame.
+    Ended,
+}
+
+/// A protocol client over a real WebSocket.
+pub struct WsClient {
+    ws: Ws,
+}
+
+impl WsClient {
+    pub async fn connect(addr: SocketAddr) -> WsClient {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+            .await
+            .expect("websocket connects");
+        WsClient { ws }
+    }
+
+    pub async fn send_json(&mut self, v: Value) {
+        self.send_text(v.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: String) {
+        self.ws
+            .send(Message::Text(text.into()))
+            .await
+            .expect("send succeeds");
+    }
+
+    pub async fn send_raw(&mut self, msg: Message) -> Result<(), String> {
+        self.ws.send(msg).await.map_err(|e| e.to_string())
+    }
+
+    /// The next event (JSON, close or end), skipping pings and pongs.
+    pub async fn next_event(&mut self, within: Duration) -> Option<Event> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?;
+            match frame {
+                None | Some(Err(_)) => return Some(Event::Ended),
+                Some(Ok(Message::Text(t))) => {
+                    return Some(Event::Json(
+                        serde_json::from_str(&t).expect("server sends valid JSON"),
+                    ))
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Some(Event::Close(frame.map(|f| u16::from(f.code))))
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// The next JSON message; panics on timeout or close.
+    pub async fn recv_json(&mut self) -> Value {
+        match self.next_event(STEP).await {
+            Some(Event::Json(v)) => v,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    /// Skips messages until one of type `ty` arrives (5 s).
+    pub async fn recv_type(&mut self, ty: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_event(left).await {
+                Some(Event::Json(v)) if v["type"] == ty => return v,
+                Some(Event::Json(_)) => continue,
+                other => panic!("expected `{ty}`, got {other:?}"),
+            }
+        }
+    }
+
+    pub async fn try_recv_json(&mut self, within: Duration) -> Option<Value> {
+        match self.next_event(within).await {
+            Some(Event::Json(v)) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Expects an `error` with `code`, then (if `close` is some) a close
+    /// frame with that code.
+    pub async fn expect_error(&mut self, code: &str, close: Option<u16>) {
+        let v = self.recv_type("error").await;
+        assert_eq!(v["code"], code, "error message: {v}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+        if let Some(close_code) = close {
+            self.expect_close(close_code).await;
+        }
+    }
+
+    /// Expects the server's close frame with `code` (skipping messages).
+    pub async fn expect_close(&mut self, code: u16) {
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_event(left).await {
+                Some(Event::Close(c)) => {
+                    assert_eq!(c, Some(code), "close code");
+                    return;
+                }
+                Some(Event::Json(_)) => continue,
+                other => panic!("expected close {code}, got {other:?}"),
+            }
+        }
+    }
+
+    pub fn into_split(self) -> (WsSender, WsReceiver) {
+        let (sink, stream) = self.ws.split();
+        (WsSender { sink }, WsReceiver { stream })
+    }
+}
+
+/// The sending half of a [`WsClient`].
+pub struct WsSender {
+    sink: SplitSink<Ws, Message>,
+}
+
+impl WsSender {
+    pub async fn send_json(&mut self, v: Value) {
+        self.sink
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .expect("send succeeds");
+    }
+}
+
+/// The receiving half of a [`WsClient`].
+pub struct WsReceiver {
+    stream: SplitStream<Ws>,
+}
+
+impl WsReceiver {
+    /// The next JSON message, `None` once the socket closes.
+    pub async fn recv_json(&mut self) -> Option<Value> {
+        loop {
+            match self.stream.next().await? {
+                Ok(Message::Text(t)) => return serde_json::from_str(&t).ok(),
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => continue,
+            }
+        }
+    }
+}
+
+/// Connects and joins `room` as `name`; returns the client and `joined`.
+pub async fn join(addr: SocketAddr, room: &str, name: &str) -> (WsClient, Value) {
+    join_with(
+        addr,
+        serde_json::json!({"type": "join", "v": 1, "room": room, "name": name}),
+    )
+    .await
+}
+
+/// Connects and sends `join_msg`; expects `joined`.
+pub async fn join_with(addr: SocketAddr, join_msg: Value) -> (WsClient, Value) {
+    let mut c = WsClient::connect(addr).await;
+    c.send_json(join_msg).await;
+    let joined = c.recv_json().await;
+    assert_eq!(joined["type"], "joined", "join answer: {joined}");
+    (c, joined)
+}
+
+/// A room id unique to the calling test.
+pub fn room_name(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", rand::random::<u32>())
+}
+
+/// Polls `cond` every 20 ms for up to `within`.
+pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cond()
+}
