@@ -120,9 +120,11 @@ const banner = {
 $('banner-close').addEventListener('click', () => banner.hide());
 
 function initials(name) {
-  const parts = String(name ?? '').trim().split(/\s+/).filter(Boolean);
-  const letters = parts.length > 1 ? parts[0][0] + parts[parts.length - 1][0] : (parts[0] ?? '?').slice(0, 2);
-  return letters.toUpperCase();
+  const words = String(name ?? '').trim().split(/\s+/).filter(Boolean);
+  if (!words.length) return '?';
+  const first = [...words[0]][0];
+  const last = words.length > 1 ? [...words[words.length - 1]][0] : '';
+  return (first + last).toUpperCase();
 }
 
 // ---------------------------------------------------------------------------
@@ -518,8 +520,10 @@ class Session {
   onSocketClosed(event) {
     if (this.ended) return;
     this.teardown();
-    const reason = this.lastError
-      ? `The server closed the connection: ${this.lastError.code}${this.lastError.message ? ` (${this.lastError.message})` : ''}.`
+    // An error that closes the socket arrives just before the close.
+    const error = this.lastError && performance.now() - this.lastError.at < 5_000 ? this.lastError : null;
+    const reason = error
+      ? `The server closed the connection: ${error.code}${error.message ? ` (${error.message})` : ''}.`
       : `The connection to the server was lost (close code ${event.code}).`;
     showEnded('Disconnected', reason);
   }
@@ -594,7 +598,7 @@ class Session {
   }
 
   onError({ code, message }) {
-    this.lastError = { code: String(code ?? 'error'), message: message ?? '' };
+    this.lastError = { code: String(code ?? 'error'), message: message ?? '', at: performance.now() };
     console.warn('[confab] server error', code, message);
     banner.show(this.lastError.code, this.lastError.message);
   }
@@ -761,7 +765,7 @@ class Session {
       signalingState: this.link?.pc.signalingState ?? null,
       audioMuted: this.audioMuted,
       videoMuted: this.videoMuted,
-      lastError: this.lastError ? { ...this.lastError } : null,
+      lastError: this.lastError ? { code: this.lastError.code, message: this.lastError.message } : null,
     };
   }
 }

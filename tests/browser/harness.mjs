@@ -1,0 +1,315 @@
+// Shared helpers for the browser tests: start a Confab server, launch one
+// Chromium per participant, read WebRTC stats from the page's debug hooks.
+//
+// Every wait here is bounded; callers still set an overall test timeout.
+
+import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { chromium } from 'playwright-core';
+
+export { sleep };
+
+/** Resolves with `promise`'s outcome, or with `fallback` after `ms` (the timer never outlives it). */
+export async function within(promise, ms, fallback = undefined) {
+  let timer;
+  const timeout = new Promise((resolve) => { timer = setTimeout(() => resolve(fallback), ms); });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+export const repoRoot = path.resolve(fileURLToPath(new URL('../..', import.meta.url)));
+export const outputDir = path.join(repoRoot, 'test-output', 'browser');
+
+/** Debian's Chromium; Playwright's own browser downloads are not used. */
+export const chromiumPath = process.env.CONFAB_CHROMIUM ?? '/usr/bin/chromium';
+
+export const chromiumArgs = Object.freeze([
+  '--no-sandbox',
+  '--headless=new',
+  '--disable-gpu',
+  '--use-fake-ui-for-media-stream',
+  '--use-fake-device-for-media-stream',
+  '--allow-loopback-in-peer-connection',
+  '--disable-features=WebRtcHideLocalIpsWithMdns',
+  '--autoplay-policy=no-user-gesture-required',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+  '--no-first-run',
+]);
+
+/** Path of the server binary: $CONFAB_BIN, else target/debug/confab (relative to the repo root). */
+export function serverBinary() {
+  return path.resolve(repoRoot, process.env.CONFAB_BIN ?? 'target/debug/confab');
+}
+
+const liveServers = new Set();
+process.on('exit', () => {
+  for (const child of liveServers) child.kill('SIGKILL');
+});
+
+/**
+ * Starts `confab serve --listen 127.0.0.1:0 ...args` and waits for the URL it
+ * prints on stdout.
+ * @returns {Promise<{url: string, port: number, child: import('node:child_process').ChildProcess,
+ *   output: () => string, stop: () => Promise<void>}>}
+ */
+export async function startServer({ args = [], env = {}, timeoutMs = 15_000 } = {}) {
+  const bin = serverBinary();
+  if (!existsSync(bin)) {
+    throw new Error(`server binary not found at ${bin} (build it with \`cargo build --bin confab\` or set CONFAB_BIN)`);
+  }
+  const child = spawn(bin, ['serve', '--listen', '127.0.0.1:0', ...args], {
+    cwd: repoRoot,
+    env: { ...process.env, ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  liveServers.add(child);
+
+  let output = '';
+  const MAX_OUTPUT = 256 * 1024;
+  const append = (chunk) => {
+    output += chunk;
+    if (output.length > MAX_OUTPUT) output = output.slice(-MAX_OUTPUT);
+  };
+  let stdout = '';
+  child.stdout.setEncoding('utf8');
+  child.stderr.setEncoding('utf8');
+  child.stderr.on('data', append);
+
+  const exited = new Promise((resolve) => {
+    child.once('exit', (code, signal) => {
+      liveServers.delete(child);
+      resolve({ code, signal });
+    });
+  });
+
+  const stop = async () => {
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    child.kill('SIGTERM');
+    const done = await within(exited.then(() => true), 5_000, false);
+    if (!done) {
+      child.kill('SIGKILL');
+      await within(exited, 2_000);
+    }
+  };
+
+  try {
+    const url = await new Promise((resolve, reject) => {
+      const timer = setTimeout(
+        () => reject(new Error(`server printed no URL within ${timeoutMs} ms`)),
+        timeoutMs,
+      );
+      child.stdout.on('data', (chunk) => {
+        append(chunk);
+        stdout += chunk;
+        const match = /http:\/\/\S+/.exec(stdout);
+        if (match) {
+          clearTimeout(timer);
+          resolve(match[0]);
+        }
+      });
+      child.once('error', (err) => {
+        clearTimeout(timer);
+        reject(err);
+      });
+      exited.then(({ code, signal }) => {
+        clearTimeout(timer);
+        reject(new Error(`server exited before printing its URL (code ${code}, signal ${signal})`));
+      });
+    });
+    const parsed = new URL(url);
+    return { url: parsed.origin, port: Number(parsed.port), child, output: () => output, stop };
+  } catch (err) {
+    await stop();
+    err.message += `\n--- server output ---\n${output}`;
+    throw err;
+  }
+}
+
+/**
+ * Launches one Chromium process with a fresh profile and returns its page.
+ * Console messages and page errors are collected in `logs`.
+ */
+export async function launchBrowser(label, { args = [], viewport = { width: 1280, height: 720 } } = {}) {
+  const userDataDir = await mkdtemp(path.join(tmpdir(), `confab-${label}-`));
+  let context;
+  try {
+    context = await chromium.launchPersistentContext(userDataDir, {
+      executablePath: chromiumPath,
+      headless: true,
+      args: [...chromiumArgs, ...args],
+      viewport,
+      timeout: 30_000,
+    });
+  } catch (err) {
+    await rm(userDataDir, { recursive: true, force: true });
+    throw err;
+  }
+  const page = context.pages()[0] ?? (await context.newPage());
+  const logs = [];
+  page.on('console', (msg) => logs.push(`[${label}] ${msg.type()}: ${msg.text()}`));
+  page.on('pageerror', (err) => logs.push(`[${label}] pageerror: ${err.message}`));
+  let closed = false;
+  return {
+    label,
+    context,
+    page,
+    logs,
+    async close() {
+      if (closed) return;
+      closed = true;
+      await within(context.close().catch(() => {}), 10_000);
+      await rm(userDataDir, { recursive: true, force: true }).catch(() => {});
+    },
+  };
+}
+
+/**
+ * Calls `fn` every `intervalMs` until it returns a truthy value, and returns
+ * that value; throws after `timeoutMs` with `what` and the last value seen.
+ */
+export async function pollUntil(fn, { timeoutMs = 10_000, intervalMs = 100, what = 'condition' } = {}) {
+  const deadline = Date.now() + timeoutMs;
+  let last;
+  let lastError;
+  while (Date.now() < deadline) {
+    try {
+      last = await fn();
+      if (last) return last;
+    } catch (err) {
+      lastError = err;
+    }
+    await sleep(intervalMs);
+  }
+  const detail = lastError ? `; last error: ${lastError.message}` : `; last value: ${JSON.stringify(last)}`;
+  throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${detail}`);
+}
+
+/** The page's client state (window.confab.state()). */
+export function clientState(page) {
+  return page.evaluate(() => window.confab?.state() ?? null);
+}
+
+/**
+ * A summary of the page's RTCPeerConnection stats: inbound video/audio and the
+ * selected candidate pair with both candidates. Null when there is no peer
+ * connection.
+ */
+export function rtcSummary(page) {
+  return page.evaluate(async () => {
+    const pc = window.confab?.pc();
+    if (!pc) return null;
+    const report = await pc.getStats();
+    const now = performance.now();
+    const stats = [...report.values()];
+    const byId = new Map(stats.map((s) => [s.id, s]));
+    const inbound = (kind) => {
+      const streams = stats.filter((s) => s.type === 'inbound-rtp' && s.kind === kind);
+      if (!streams.length) return null;
+      return {
+        framesDecoded: streams.reduce((n, s) => n + (s.framesDecoded ?? 0), 0),
+        packetsReceived: streams.reduce((n, s) => n + (s.packetsReceived ?? 0), 0),
+        bytesReceived: streams.reduce((n, s) => n + (s.bytesReceived ?? 0), 0),
+        frameWidth: streams[0].frameWidth ?? null,
+        frameHeight: streams[0].frameHeight ?? null,
+      };
+    };
+    const candidate = (id) => {
+      const c = byId.get(id);
+      if (!c) return null;
+      return {
+        address: c.address ?? c.ip ?? null,
+        port: c.port,
+        protocol: c.protocol,
+        candidateType: c.candidateType,
+      };
+    };
+    const transport = stats.find((s) => s.type === 'transport' && s.selectedCandidatePairId);
+    const pair = transport
+      ? byId.get(transport.selectedCandidatePairId)
+      : stats.find((s) => s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded');
+    return {
+      now,
+      connectionState: pc.connectionState,
+      iceConnectionState: pc.iceConnectionState,
+      video: inbound('video'),
+      audio: inbound('audio'),
+      selectedPair: pair
+        ? {
+            state: pair.state,
+            nominated: Boolean(pair.nominated),
+            local: candidate(pair.localCandidateId),
+            remote: candidate(pair.remoteCandidateId),
+          }
+        : null,
+    };
+  });
+}
+
+/**
+ * Polls (in the page, every `intervalMs`) until the first remote video frame
+ * is decoded and returns the page time of that moment, in ms since navigation
+ * start. Null if none is decoded within `timeoutMs`.
+ */
+export function firstRemoteFrameTime(page, { timeoutMs = 30_000, intervalMs = 50 } = {}) {
+  return page.evaluate(async ({ timeoutMs, intervalMs }) => {
+    const deadline = performance.now() + timeoutMs;
+    while (performance.now() < deadline) {
+      const pc = window.confab?.pc();
+      if (pc && pc.connectionState !== 'closed') {
+        const report = await pc.getStats();
+        for (const s of report.values()) {
+          if (s.type === 'inbound-rtp' && s.kind === 'video' && s.framesDecoded > 0) {
+            return Math.round(performance.now());
+          }
+        }
+      }
+      await new Promise((resolve) => setTimeout(resolve, intervalMs));
+    }
+    return null;
+  }, { timeoutMs, intervalMs });
+}
+
+/** Opens the client at `url` and waits until it has joined (window.confab.state().joined). */
+export async function joinCall(page, url, { timeoutMs = 10_000 } = {}) {
+  await page.goto(url, { timeout: timeoutMs });
+  return pollUntil(async () => {
+    const state = await clientState(page);
+    return state?.joined ? state : null;
+  }, { timeoutMs, what: `the client at ${url} to join` });
+}
+
+/** Waits until the media-path badge shows `text`. */
+export function waitForBadge(page, text, { timeoutMs = 10_000 } = {}) {
+  return pollUntil(async () => {
+    const value = (await pathBadgeText(page))?.trim();
+    return value === text ? value : null;
+  }, { timeoutMs, what: `the path badge to say "${text}"` });
+}
+
+/** Text of the media-path badge. */
+export function pathBadgeText(page) {
+  return page.locator('#path-label').textContent();
+}
+
+/** Saves a PNG of the page under test-output/browser/. */
+export async function screenshot(page, fileName) {
+  await mkdir(outputDir, { recursive: true });
+  const file = path.join(outputDir, fileName);
+  await page.screenshot({ path: file, timeout: 10_000 });
+  return file;
+}
+
+/** A room id unlikely to collide with another test's. */
+export function randomRoom(prefix = 'room') {
+  return `${prefix}-${Math.random().toString(36).slice(2, 10)}`;
+}
