@@ -185,7 +185,7 @@ mod tests {
         );
         let future = Claims {
             nbf: Some(now_secs() + 600),
-            ..c.clone()
+            ..c
         };
         assert_eq!(
             verify(SECRET, &encode_claims(SECRET, &future), "r1"),

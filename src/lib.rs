@@ -16,6 +16,8 @@
 //! - [`room`]: the room registry, one task per room owning its members and
 //!   its media mode ([`room::ModeState`]).
 //! - [`auth`]: HS256 join tokens with pinned algorithm and grants.
+//! - [`media`]: RTP parsing and the per-subscriber forwarder (pure logic,
+//!   the base of server-routed media).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`web`]: the embedded browser client.
 //!
@@ -43,6 +45,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod media;
 pub mod metrics;
 pub mod room;
 pub mod server;

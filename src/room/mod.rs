@@ -12,7 +12,7 @@
 //! command channel closed or its reply dropped, and retries on a fresh room.
 
 mod mode;
-mod room;
+mod task;
 
 pub use mode::{ModeMember, ModeState};
 
@@ -179,7 +179,7 @@ impl Rooms {
             .or_insert_with(|| {
                 let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
                 let (tx, rx) = mpsc::channel(ROOM_COMMAND_QUEUE);
-                let task = room::Room::new(
+                let task = task::Room::new(
                     room.to_owned(),
                     generation,
                     Arc::clone(&self.settings),

@@ -1,0 +1,10 @@
+//! The media plane's pure building blocks: RTP header parsing and
+//! rewriting ([`rtp`]) and the per-downtrack [`forwarder`].
+//!
+//! This module knows nothing about rooms or signaling; the selective
+//! forwarding unit that feeds it from server-side peer connections is built
+//! on these pieces. Everything here is synchronous, allocation-free and
+//! tested without sockets.
+
+pub mod forwarder;
+pub mod rtp;
