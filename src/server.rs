@@ -8,6 +8,7 @@ use axum::extract::{State, WebSocketUpgrade};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -105,7 +106,12 @@ impl Server {
     pub async fn run(self) -> std::io::Result<()> {
         let mut shutdown = self.state.signal.shutdown.clone();
         let app = router(self.state);
-        axum::serve(self.listener, app)
+        // Signaling is many small messages: without TCP_NODELAY each one can
+        // wait ~40 ms for a delayed ACK (Nagle), which slows ICE setup.
+        let listener = self.listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = shutdown.wait_for(|down| *down).await;
             })
