@@ -1,5 +1,12 @@
 //! Confab's integration tests: one binary (one link step), each module a
 //! behaviour, all against the real server over real loopback sockets.
 
+// A test binary exports nothing; `pub` here only shares helpers between
+// its modules.
+#![allow(unreachable_pub)]
+
 mod common;
+mod p2p_media;
+mod process;
+mod rtc_peer;
 mod signaling;
