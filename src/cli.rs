@@ -1,17 +1,19 @@
 //! The `confab` command line: `serve` runs the server, `token` prints a join
 //! token. Every `serve` flag can also be set from a `CONFAB_*` variable.
 
-use std::net::SocketAddr;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::auth::{self, Grants};
-use crate::config::{Config, Limits, DEFAULT_LISTEN};
+use crate::config::{Config, Limits, DEFAULT_LISTEN, DEFAULT_MEDIA_PORT};
+use crate::room::ModePolicy;
 use crate::server::Server;
 use crate::signaling::protocol::IceServer;
 
-/// Confab: video calls, peer-to-peer for two.
+/// Confab: video calls, peer-to-peer for two, through the server for more.
 #[derive(Debug, Parser)]
 #[command(name = "confab", version, about)]
 pub struct Cli {
@@ -64,6 +66,30 @@ struct ServeArgs {
     /// Simultaneous WebSocket connections.
     #[arg(long, env = "CONFAB_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
     max_connections: usize,
+    /// UDP port of the SFU, shared by every participant (0: any free port).
+    #[arg(long, env = "CONFAB_MEDIA_PORT", default_value_t = DEFAULT_MEDIA_PORT)]
+    media_port: u16,
+    /// IP the media socket binds to (default: the --listen IP).
+    #[arg(long, env = "CONFAB_MEDIA_BIND")]
+    media_bind: Option<IpAddr>,
+    /// IP announced in the SFU's ICE candidates, when clients reach the
+    /// server at another address than it binds (1:1 NAT, cloud VMs).
+    #[arg(long, env = "CONFAB_PUBLIC_IP")]
+    public_ip: Option<IpAddr>,
+    /// Members from which media goes through the server.
+    #[arg(long, env = "CONFAB_SFU_THRESHOLD", default_value_t = ModePolicy::default().sfu_threshold)]
+    sfu_threshold: usize,
+    /// Milliseconds a room must have two members before it returns to
+    /// peer-to-peer.
+    #[arg(long, env = "CONFAB_P2P_RETURN_DELAY_MS", default_value_t = 5000)]
+    p2p_return_delay_ms: u64,
+    /// Milliseconds a switch waits for clients' readiness before it
+    /// completes (to the server) or is abandoned (back to the server).
+    #[arg(long, env = "CONFAB_SWITCH_TIMEOUT_MS", default_value_t = 8000)]
+    switch_timeout_ms: u64,
+    /// Always route media through the server, even for two.
+    #[arg(long, env = "CONFAB_NEVER_P2P")]
+    never_p2p: bool,
 }
 
 #[derive(Debug, Args)]
@@ -118,6 +144,15 @@ impl ServeArgs {
                 .collect(),
             empty_room_timeout: Duration::from_secs(self.empty_room_secs),
             limits,
+            media_port: self.media_port,
+            media_bind: self.media_bind,
+            public_ip: self.public_ip,
+            mode_policy: ModePolicy {
+                sfu_threshold: self.sfu_threshold,
+                p2p_return_delay: Duration::from_millis(self.p2p_return_delay_ms),
+                switch_timeout: Duration::from_millis(self.switch_timeout_ms),
+                never_p2p: self.never_p2p,
+            },
         }
     }
 }
@@ -177,12 +212,22 @@ fn serve(config: Config) -> i32 {
             }
         };
         let addr = server.local_addr();
+        let media = server.media_addr();
         if dev {
             tracing::warn!(
                 "DEV MODE: no --jwt-secret set, anyone who can reach {addr} can join any room"
             );
         }
-        println!("Confab is running. Open http://{addr}/ in two browser windows to start a call.");
+        // Not println!: a closed stdout (a supervisor that stopped reading)
+        // must not take the server down.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "Confab is running. Open http://{addr}/ in two browser windows to start a call."
+        );
+        let _ = writeln!(out, "Media (UDP) on {media}.");
+        let _ = out.flush();
+        drop(out);
         let stop = server.shutdown_handle();
         tokio::spawn(async move {
             shutdown_signal().await;

@@ -5,9 +5,10 @@
 //! [`Limits`] groups the bounds that protect the server from its clients;
 //! `docs/protocol.md` lists the same values.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use crate::room::ModePolicy;
 use crate::signaling::protocol::IceServer;
 
 /// Everything `confab serve` needs.
@@ -26,6 +27,16 @@ pub struct Config {
     pub empty_room_timeout: Duration,
     /// Bounds on what clients may do.
     pub limits: Limits,
+    /// The SFU's UDP port for every participant (0: any free port).
+    pub media_port: u16,
+    /// The address the media socket binds to; `None` binds the listen
+    /// address's IP.
+    pub media_bind: Option<IpAddr>,
+    /// The address put into the SFU's ICE candidates when it differs from
+    /// the bound one (1:1 NAT, a cloud VM's public IP).
+    pub public_ip: Option<IpAddr>,
+    /// When rooms use peer-to-peer and when the server.
+    pub mode_policy: ModePolicy,
 }
 
 /// Bounds on clients. Each one is documented in `docs/protocol.md` and has an
@@ -44,7 +55,8 @@ pub struct Limits {
     pub rate_burst: f64,
     /// Dropped messages after which a flooding socket is closed (1008).
     pub max_rate_drops: u32,
-    /// Members per room. 2 while only peer-to-peer exists.
+    /// Members per room. Every member receives every other member, so the
+    /// SFU's work grows with its square.
     pub max_participants: usize,
     /// Outbound messages queued per socket before the client counts as not
     /// reading and is dropped.
@@ -65,7 +77,7 @@ impl Default for Limits {
             rate_per_sec: 50.0,
             rate_burst: 100.0,
             max_rate_drops: 200,
-            max_participants: 2,
+            max_participants: 16,
             outbound_queue: 256,
             max_connections: 1000,
             ping_interval: Duration::from_secs(15),
@@ -76,6 +88,8 @@ impl Default for Limits {
 
 /// The listen address when none is given.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7880";
+/// The SFU's UDP port when none is given.
+pub const DEFAULT_MEDIA_PORT: u16 = 7882;
 
 impl Default for Config {
     fn default() -> Self {
@@ -86,6 +100,10 @@ impl Default for Config {
             ice_servers: Vec::new(),
             empty_room_timeout: Duration::from_secs(5),
             limits: Limits::default(),
+            media_port: DEFAULT_MEDIA_PORT,
+            media_bind: None,
+            public_ip: None,
+            mode_policy: ModePolicy::default(),
         }
     }
 }
@@ -94,6 +112,11 @@ impl Config {
     /// Dev mode: no secret, every join accepted.
     pub fn dev_mode(&self) -> bool {
         self.jwt_secret.is_none()
+    }
+
+    /// The address the SFU's socket binds.
+    pub fn media_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.media_bind.unwrap_or(self.listen.ip()), self.media_port)
     }
 
     /// Refuses configurations that would be unsafe to run.
@@ -116,6 +139,15 @@ impl Config {
         if self.limits.max_participants < 2 {
             return Err("--max-participants must be at least 2".into());
         }
+        if self.mode_policy.sfu_threshold < 3 {
+            return Err("--sfu-threshold must be at least 3 (use --never-p2p for two)".into());
+        }
+        if self.media_addr().ip().is_unspecified() && self.public_ip.is_none() {
+            return Err(format!(
+                "the media socket would bind {}: set --public-ip (the address clients reach) or --media-bind",
+                self.media_addr()
+            ));
+        }
         if !(self.limits.rate_per_sec > 0.0 && self.limits.rate_burst >= 1.0) {
             return Err("--rate-per-sec must be > 0 and --rate-burst >= 1".into());
         }
@@ -131,14 +163,29 @@ mod tests {
     fn dev_mode_refuses_public_address_without_insecure() {
         let mut c = Config {
             listen: "0.0.0.0:7880".parse().unwrap(),
+            public_ip: Some("203.0.113.7".parse().unwrap()),
             ..Config::default()
         };
-        assert!(c.validate().is_err());
+        assert!(c.validate().unwrap_err().contains("dev mode"));
         c.insecure = true;
         assert!(c.validate().is_ok());
         c.insecure = false;
         c.jwt_secret = Some("0123456789abcdef".into());
         assert!(c.validate().is_ok());
         assert!(Config::default().validate().is_ok());
+    }
+
+    #[test]
+    fn a_wildcard_media_bind_needs_a_public_ip() {
+        let mut c = Config {
+            listen: "0.0.0.0:7880".parse().unwrap(),
+            jwt_secret: Some("0123456789abcdef".into()),
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().contains("--public-ip"));
+        c.public_ip = Some("203.0.113.7".parse().unwrap());
+        assert!(c.validate().is_ok());
+        c.mode_policy.sfu_threshold = 2;
+        assert!(c.validate().unwrap_err().contains("--sfu-threshold"));
     }
 }

@@ -1,7 +1,9 @@
 //! Prometheus metrics: one registry per server and one struct holding every
 //! metric handle, so that counting is a field access and not a lookup.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 /// Every metric Confab exports.
 #[derive(Debug, Clone)]
@@ -23,6 +25,20 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     /// WebSocket upgrades refused because the connection cap was reached.
     pub connections_refused: IntCounter,
+    /// Live server legs.
+    pub legs: IntGauge,
+    /// RTP packets sent to subscribers, by kind.
+    pub forwarded_packets: IntCounterVec,
+    /// RTP payload bytes sent to subscribers, by kind.
+    pub forwarded_bytes: IntCounterVec,
+    /// Keyframe requests sent to publishers.
+    pub pli: IntCounter,
+    /// Media datagrams dropped before any leg used them, by reason.
+    pub media_dropped: IntCounterVec,
+    /// Rooms by media mode.
+    pub rooms_by_mode: IntGaugeVec,
+    /// Mode changes, by the mode entered.
+    pub mode_switches: IntCounterVec,
 }
 
 impl Metrics {
@@ -53,14 +69,44 @@ impl Metrics {
             "ws_connections_refused_total",
             "WebSocket upgrades refused at the connection cap",
         );
-        let errors = IntCounterVec::new(
-            Opts::new("signaling_errors_total", "Error messages sent, by code"),
-            &["code"],
-        )
-        .expect("valid metric");
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique name");
+            c
+        };
+        let errors = counter_vec(
+            "signaling_errors_total",
+            "Error messages sent, by code",
+            "code",
+        );
+        let legs = gauge("server_legs", "Live server legs (SFU peer connections)");
+        let forwarded_packets = counter_vec(
+            "forwarded_packets_total",
+            "RTP packets forwarded to subscribers",
+            "kind",
+        );
+        let forwarded_bytes = counter_vec(
+            "forwarded_bytes_total",
+            "RTP payload bytes forwarded to subscribers",
+            "kind",
+        );
+        let pli = counter("pli_total", "Keyframe requests sent to publishers");
+        let media_dropped = counter_vec(
+            "media_dropped_datagrams_total",
+            "Media datagrams dropped, by reason (unroutable, oversize, rejected)",
+            "reason",
+        );
+        let rooms_by_mode =
+            IntGaugeVec::new(Opts::new("rooms_by_mode", "Rooms by media mode"), &["mode"])
+                .expect("valid metric");
         registry
-            .register(Box::new(errors.clone()))
+            .register(Box::new(rooms_by_mode.clone()))
             .expect("unique name");
+        let mode_switches = counter_vec(
+            "mode_switches_total",
+            "Room mode changes, by the mode entered",
+            "to",
+        );
         Metrics {
             registry,
             rooms,
@@ -71,6 +117,13 @@ impl Metrics {
             messages_in,
             errors,
             connections_refused,
+            legs,
+            forwarded_packets,
+            forwarded_bytes,
+            pli,
+            media_dropped,
+            rooms_by_mode,
+            mode_switches,
         }
     }
 

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::Config;
+use crate::media::sfu::Sfu;
 use crate::metrics::Metrics;
 use crate::room::{RoomSettings, Rooms};
 use crate::signaling::session::{self, SignalContext};
@@ -25,6 +26,9 @@ pub struct Server {
     listener: TcpListener,
     state: AppState,
     shutdown_tx: watch::Sender<bool>,
+    /// The SFU task, started by `run`.
+    sfu: Option<Sfu>,
+    media_addr: SocketAddr,
 }
 
 #[derive(Debug, Clone)]
@@ -53,11 +57,16 @@ impl Server {
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
         let metrics = Arc::new(Metrics::new());
+        let (sfu, sfu_handle) =
+            Sfu::bind(config.media_addr(), config.public_ip, Arc::clone(&metrics)).await?;
+        let media_addr = sfu_handle.advertised_addr();
         let rooms = Arc::new(Rooms::new(
             RoomSettings {
                 max_participants: config.limits.max_participants,
                 empty_room_timeout: config.empty_room_timeout,
                 ice_servers: config.ice_servers.clone(),
+                mode_policy: config.mode_policy,
+                sfu: Some(sfu_handle),
             },
             Arc::clone(&metrics),
         ));
@@ -76,6 +85,8 @@ impl Server {
             listener,
             state,
             shutdown_tx,
+            sfu: Some(sfu),
+            media_addr,
         })
     }
 
@@ -84,6 +95,11 @@ impl Server {
         self.listener
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// The SFU's advertised UDP address.
+    pub fn media_addr(&self) -> SocketAddr {
+        self.media_addr
     }
 
     /// The room registry (for tests and metrics).
@@ -103,7 +119,11 @@ impl Server {
 
     /// Serves until [`ShutdownHandle::shutdown`] is called, then lets every
     /// session close with `server_shutdown` and returns.
-    pub async fn run(self) -> std::io::Result<()> {
+    pub async fn run(mut self) -> std::io::Result<()> {
+        if let Some(sfu) = self.sfu.take() {
+            // Runs until the rooms (which hold its handles) are gone.
+            tokio::spawn(sfu.run());
+        }
         let mut shutdown = self.state.signal.shutdown.clone();
         let app = router(self.state);
         // Signaling is many small messages: without TCP_NODELAY each one can

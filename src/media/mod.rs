@@ -7,4 +7,8 @@
 //! tested without sockets.
 
 pub mod forwarder;
+pub mod leg;
 pub mod rtp;
+pub mod sfu;
+pub mod stun;
+pub mod vp8;

@@ -14,7 +14,7 @@
 mod mode;
 mod task;
 
-pub use mode::{ModeMember, ModeState};
+pub use mode::{Change, ModeMember, ModePolicy, ModeState};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,6 +24,7 @@ use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::Grants;
+use crate::media::sfu::SfuHandle;
 use crate::metrics::Metrics;
 use crate::signaling::protocol::{ErrorCode, IceServer, LeaveReason, ServerMessage};
 
@@ -81,6 +82,18 @@ pub enum Command {
         /// The message to deliver.
         message: ServerMessage,
     },
+    /// A member reports that the path of the current switch decodes.
+    MediaReady {
+        /// Who.
+        id: String,
+        /// The epoch it answers.
+        epoch: u64,
+    },
+    /// A member's direct path failed.
+    P2pFailed {
+        /// Who.
+        id: String,
+    },
     /// A member's mute state.
     MediaState {
         /// Who.
@@ -126,6 +139,10 @@ pub struct RoomSettings {
     pub empty_room_timeout: Duration,
     /// ICE servers sent in `joined`.
     pub ice_servers: Vec<IceServer>,
+    /// When rooms use which media path.
+    pub mode_policy: ModePolicy,
+    /// The SFU, for server legs and forwarding.
+    pub sfu: Option<SfuHandle>,
 }
 
 /// The registry of live rooms.

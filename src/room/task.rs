@@ -1,4 +1,5 @@
-//! One room's task: the only owner of its member list and mode.
+//! One room's task: the only owner of its member list, its mode and its
+//! router in the SFU.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -7,11 +8,14 @@ use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 
+use super::mode::Change;
 use super::{Command, JoinReply, Kick, ModeMember, ModeState, NewParticipant, Outgoing};
 use super::{RoomHandle, RoomSettings};
+use crate::media::sfu::{MediaCommand, MediaEvent, RouterId, EVENT_QUEUE};
 use crate::metrics::Metrics;
 use crate::signaling::protocol::{
-    ErrorCode, LeaveReason, MemberInfo, ServerMessage, PROTOCOL_VERSION,
+    ErrorCode, LeaveReason, LegState, MediaMode, MemberInfo, ServerMessage, PROTOCOL_VERSION,
+    SFU_ID,
 };
 
 /// A member as the room keeps it.
@@ -25,6 +29,8 @@ struct Member {
     video_muted: bool,
     outbox: mpsc::Sender<Outgoing>,
     kick: Option<oneshot::Sender<Kick>>,
+    /// Its server leg's state, as the SFU last reported it.
+    leg: Option<LegState>,
 }
 
 impl Member {
@@ -56,7 +62,11 @@ pub(super) struct Room {
     /// In join order. Rooms are small, so a Vec beats a map.
     members: Vec<Member>,
     mode: ModeState,
+    /// The mode counted in `rooms_by_mode`.
+    counted_mode: MediaMode,
     pending: Vec<Removal>,
+    /// Commands for the SFU, sent after each step (sending may wait).
+    media_out: Vec<MediaCommand>,
 }
 
 impl Room {
@@ -69,6 +79,12 @@ impl Room {
         next_seq: Arc<AtomicU64>,
     ) -> Self {
         metrics.rooms.inc();
+        let mode = ModeState::new(settings.mode_policy);
+        let counted_mode = mode.mode();
+        metrics
+            .rooms_by_mode
+            .with_label_values(&[counted_mode.as_str()])
+            .inc();
         Room {
             id,
             generation,
@@ -77,31 +93,55 @@ impl Room {
             metrics,
             next_seq,
             members: Vec::new(),
-            mode: ModeState::new(),
+            mode,
+            counted_mode,
             pending: Vec::new(),
+            media_out: Vec::new(),
         }
+    }
+
+    fn router(&self) -> RouterId {
+        self.generation
     }
 
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         tracing::debug!(room = %self.id, "room created");
+        let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE);
+        self.media_out.push(MediaCommand::OpenRouter {
+            router: self.router(),
+            events: events_tx,
+        });
+        self.flush_media().await;
         let mut empty_since = Some(Instant::now());
         loop {
-            let deadline = empty_since.map(|t| t + self.settings.empty_room_timeout);
-            let command = tokio::select! {
-                command = rx.recv() => command,
-                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+            let empty_deadline = empty_since.map(|t| t + self.settings.empty_room_timeout);
+            let mode_deadline = self.mode.next_deadline();
+            tokio::select! {
+                command = rx.recv() => {
+                    let Some(command) = command else { break };
+                    self.handle(command);
+                }
+                Some(event) = events.recv() => self.on_media_event(event),
+                _ = sleep_until(mode_deadline.unwrap_or_else(Instant::now)), if mode_deadline.is_some() => {
+                    let change = self.mode.tick(Instant::now());
+                    self.after_mode_change(change, None);
+                }
+                _ = sleep_until(empty_deadline.unwrap_or_else(Instant::now)), if empty_deadline.is_some() => {
                     break;
                 }
-            };
-            let Some(command) = command else { break };
-            self.handle(command);
+            }
             self.apply_removals();
+            self.flush_media().await;
             empty_since = match (self.members.is_empty(), empty_since) {
                 (true, None) => Some(Instant::now()),
                 (true, since) => since,
                 (false, _) => None,
             };
         }
+        self.media_out.push(MediaCommand::CloseRouter {
+            router: self.router(),
+        });
+        self.flush_media().await;
         // Leave the registry first, so new joins create a fresh room, then
         // hand every queued join back to be retried there.
         let generation = self.generation;
@@ -114,6 +154,19 @@ impl Room {
             }
         }
         tracing::debug!(room = %self.id, "room removed");
+    }
+
+    async fn flush_media(&mut self) {
+        let Some(sfu) = self.settings.sfu.clone() else {
+            self.media_out.clear();
+            return;
+        };
+        for command in self.media_out.drain(..) {
+            if !sfu.send(command).await {
+                tracing::error!("the SFU has stopped");
+                break;
+            }
+        }
     }
 
     fn handle(&mut self, command: Command) {
@@ -142,6 +195,14 @@ impl Room {
                     };
                     self.broadcast(&msg, Some(&id));
                 }
+            }
+            Command::MediaReady { id, epoch } => {
+                let change = self.mode.media_ready(&id, epoch, Instant::now());
+                self.after_mode_change(change, None);
+            }
+            Command::P2pFailed { id } => {
+                let change = self.mode.p2p_failed(&id, Instant::now());
+                self.after_mode_change(change, None);
             }
         }
     }
@@ -174,14 +235,25 @@ impl Room {
             video_muted: false,
             outbox: p.outbox,
             kick: Some(p.kick),
+            leg: None,
         };
         let info = member.info();
         let others: Vec<MemberInfo> = self.members.iter().map(Member::info).collect();
+        let leg_states: Vec<ServerMessage> = self
+            .members
+            .iter()
+            .filter_map(|m| {
+                m.leg.map(|state| ServerMessage::ServerLeg {
+                    id: m.id.clone(),
+                    state,
+                })
+            })
+            .collect();
         self.members.push(member);
         self.metrics.participants.inc();
         self.metrics.joins.inc();
 
-        self.mode.update(&self.mode_members());
+        let change = self.mode.update(&self.mode_members(), Instant::now());
         let joined = ServerMessage::Joined {
             v: PROTOCOL_VERSION,
             room: self.id.clone(),
@@ -191,11 +263,18 @@ impl Room {
             mode: self.mode.view(&id),
         };
         self.send_to(&id, &joined);
+        for msg in &leg_states {
+            self.send_to(&id, msg);
+        }
         self.broadcast(
             &ServerMessage::ParticipantJoined { participant: info },
             Some(&id),
         );
-        self.announce_mode(Some(&id));
+        self.media_out.push(MediaCommand::AddLeg {
+            router: self.router(),
+            participant: id.clone(),
+        });
+        self.after_mode_change(change, Some(&id));
         tracing::info!(room = %self.id, participant = %id, members = self.members.len(), "joined");
         JoinReply::Accepted(id)
     }
@@ -204,16 +283,117 @@ impl Room {
         if !self.members.iter().any(|m| m.id == from) {
             return; // the sender was removed meanwhile
         }
-        if to != from && self.members.iter().any(|m| m.id == to) {
+        if to == SFU_ID {
+            self.relay_to_sfu(from, message);
+        } else if to != from && self.members.iter().any(|m| m.id == to) {
             self.send_to(to, &message);
             self.metrics.relayed.inc();
         } else {
             let shown: String = to.chars().take(64).collect();
-            let err = ServerMessage::error(
+            self.refuse(
+                from,
                 ErrorCode::NotAMember,
                 format!("no other participant `{shown}` in this room"),
             );
-            self.send_to(from, &err);
+        }
+    }
+
+    fn relay_to_sfu(&mut self, from: &str, message: ServerMessage) {
+        let router = self.router();
+        let participant = from.to_owned();
+        match message {
+            ServerMessage::Answer { sdp, .. } => self.media_out.push(MediaCommand::Answer {
+                router,
+                participant,
+                sdp,
+            }),
+            ServerMessage::Candidate { candidate, .. } => {
+                self.media_out.push(MediaCommand::Candidate {
+                    router,
+                    participant,
+                    candidate,
+                })
+            }
+            _ => self.refuse(
+                from,
+                ErrorCode::BadMessage,
+                "the server leg is negotiated by the server: only `answer` and `candidate` go to `sfu`",
+            ),
+        }
+    }
+
+    fn refuse(&mut self, to: &str, code: ErrorCode, message: impl Into<String>) {
+        self.metrics
+            .errors
+            .with_label_values(&[code.as_str()])
+            .inc();
+        self.send_to(to, &ServerMessage::error(code, message));
+    }
+
+    fn on_media_event(&mut self, event: MediaEvent) {
+        match event {
+            MediaEvent::Offer { participant, sdp } => {
+                let msg = ServerMessage::Offer {
+                    from: SFU_ID.to_owned(),
+                    sdp,
+                };
+                self.send_to(&participant, &msg);
+            }
+            MediaEvent::LegState { participant, state } => {
+                let Some(m) = self.members.iter_mut().find(|m| m.id == participant) else {
+                    return;
+                };
+                m.leg = Some(state);
+                self.broadcast(
+                    &ServerMessage::ServerLeg {
+                        id: participant,
+                        state,
+                    },
+                    None,
+                );
+            }
+            MediaEvent::Refused {
+                participant,
+                message,
+            } => self.refuse(&participant, ErrorCode::BadMessage, message),
+        }
+    }
+
+    /// Announces a mode change to everyone (but `joiner`, who has it in
+    /// `joined`) and tells the SFU whether to forward.
+    fn after_mode_change(&mut self, change: Change, joiner: Option<&str>) {
+        if change == Change::None {
+            return;
+        }
+        let mode = self.mode.mode();
+        if mode != self.counted_mode {
+            self.metrics
+                .rooms_by_mode
+                .with_label_values(&[self.counted_mode.as_str()])
+                .dec();
+            self.metrics
+                .rooms_by_mode
+                .with_label_values(&[mode.as_str()])
+                .inc();
+            self.metrics
+                .mode_switches
+                .with_label_values(&[mode.as_str()])
+                .inc();
+            self.counted_mode = mode;
+            tracing::info!(room = %self.id, mode = mode.as_str(), epoch = self.mode.epoch(), "mode");
+        }
+        self.media_out.push(MediaCommand::SetForwarding {
+            router: self.router(),
+            on: self.mode.forwarding(),
+        });
+        let views: Vec<(String, ServerMessage)> = self
+            .members
+            .iter()
+            .filter(|m| Some(m.id.as_str()) != joiner)
+            .map(|m| (m.id.clone(), ServerMessage::Mode(self.mode.view(&m.id))))
+            .collect();
+        for (id, msg) in views {
+            self.send_to(&id, &msg);
         }
     }
 
@@ -225,20 +405,6 @@ impl Room {
                 seq: m.seq,
             })
             .collect()
-    }
-
-    /// Sends every member (but `except`, who already has it in `joined`)
-    /// its view of the current mode.
-    fn announce_mode(&mut self, except: Option<&str>) {
-        let views: Vec<(String, ServerMessage)> = self
-            .members
-            .iter()
-            .filter(|m| Some(m.id.as_str()) != except)
-            .map(|m| (m.id.clone(), ServerMessage::Mode(self.mode.view(&m.id))))
-            .collect();
-        for (id, msg) in views {
-            self.send_to(&id, &msg);
-        }
     }
 
     fn send_to(&mut self, id: &str, msg: &ServerMessage) {
@@ -294,6 +460,10 @@ impl Room {
         if let (Some(code), Some(k)) = (kick, member.kick.take()) {
             let _ = k.send(Kick { code });
         }
+        self.media_out.push(MediaCommand::RemoveLeg {
+            router: self.router(),
+            participant: id.to_owned(),
+        });
         tracing::info!(room = %self.id, participant = %id, ?reason, "left");
         self.broadcast(
             &ServerMessage::ParticipantLeft {
@@ -302,15 +472,18 @@ impl Room {
             },
             None,
         );
-        if self.mode.update(&self.mode_members()) {
-            self.announce_mode(None);
-        }
+        let change = self.mode.update(&self.mode_members(), Instant::now());
+        self.after_mode_change(change, None);
     }
 }
 
 impl Drop for Room {
     fn drop(&mut self) {
         self.metrics.rooms.dec();
+        self.metrics
+            .rooms_by_mode
+            .with_label_values(&[self.counted_mode.as_str()])
+            .dec();
         self.metrics.participants.sub(self.members.len() as i64);
     }
 }

@@ -9,7 +9,11 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this server speaks (`join.v`).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The reserved participant id of the server's own end of every server leg:
+/// `offer` comes `from` it, `answer` and `candidate` go `to` it.
+pub const SFU_ID: &str = "sfu";
 
 /// Most lines an SDP may have (Janus uses the same bound against
 /// pathological SDPs; real ones have a few hundred).
@@ -76,6 +80,13 @@ pub enum ClientMessage {
         /// Camera off.
         video_muted: bool,
     },
+    /// The path the current switch moves to decodes at this client.
+    MediaReady {
+        /// The epoch of the `mode` being acknowledged.
+        epoch: u64,
+    },
+    /// The direct path to the peer failed (ICE failed and did not recover).
+    P2pFailed,
     /// Application-level keep-alive.
     Ping {
         /// Echoed in the `pong`.
@@ -93,6 +104,8 @@ pub const CLIENT_MESSAGE_TYPES: &[&str] = &[
     "answer",
     "candidate",
     "media_state",
+    "media_ready",
+    "p2p_failed",
     "ping",
     "leave",
 ];
@@ -142,6 +155,38 @@ pub struct ModeInfo {
 pub enum MediaMode {
     /// Directly between the two members.
     P2p,
+    /// Moving from the direct path to the server; both carry media.
+    ToSfu,
+    /// Through the server (selective forwarding).
+    Sfu,
+    /// Moving from the server back to a direct path; both carry media.
+    ToP2p,
+}
+
+impl MediaMode {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MediaMode::P2p => "p2p",
+            MediaMode::ToSfu => "to_sfu",
+            MediaMode::Sfu => "sfu",
+            MediaMode::ToP2p => "to_p2p",
+        }
+    }
+}
+
+/// The state of a participant's server leg, as the server sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LegState {
+    /// Offered, not yet connected.
+    Connecting,
+    /// ICE and DTLS are up: media can flow at once.
+    Connected,
+    /// Connectivity lost for a while; may recover.
+    Disconnected,
+    /// ICE or DTLS failed.
+    Failed,
 }
 
 /// Why a participant left.
@@ -200,6 +245,13 @@ pub enum ServerMessage {
     },
     /// The room's media mode changed.
     Mode(ModeInfo),
+    /// The state of a member's server leg (the recipient's own included).
+    ServerLeg {
+        /// Whose leg.
+        id: String,
+        /// Its state.
+        state: LegState,
+    },
     /// A relayed SDP offer.
     Offer {
         /// Sender's participant id.

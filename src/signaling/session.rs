@@ -268,6 +268,8 @@ impl Session {
                 from,
                 to,
             },
+            ClientMessage::MediaReady { epoch } => Command::MediaReady { id: from, epoch },
+            ClientMessage::P2pFailed => Command::P2pFailed { id: from },
             ClientMessage::MediaState {
                 audio_muted,
                 video_muted,

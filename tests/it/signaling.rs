@@ -35,7 +35,7 @@ async fn join_pair_relay_and_leave() {
     let server = start_server().await;
     let room = room_name("pair");
     let (mut a, ja) = join(server.addr, &room, "Ada").await;
-    assert_eq!(ja["v"], 1);
+    assert_eq!(ja["v"], 2);
     assert_eq!(ja["room"], room.as_str());
     assert_eq!(ja["members"], json!([]));
     assert_eq!(ja["mode"]["mode"], "p2p");
@@ -210,7 +210,7 @@ async fn bad_messages_after_join_get_errors_and_keep_socket_open() {
         ),
         (
             Message::Text(
-                json!({"type":"join","v":1,"room":room,"name":"again"})
+                json!({"type":"join","v":2,"room":room,"name":"again"})
                     .to_string()
                     .into(),
             ),
@@ -240,6 +240,24 @@ async fn bad_messages_after_join_get_errors_and_keep_socket_open() {
             ),
             "bad_message",
         ),
+        (
+            Message::Text(
+                json!({"type":"offer","to":"sfu","sdp":"v=0"})
+                    .to_string()
+                    .into(),
+            ),
+            "bad_message",
+        ),
+        (
+            // No offer is outstanding on a leg whose offer was already
+            // answered... or the SDP is not an answer at all: refused either way.
+            Message::Text(
+                json!({"type":"answer","to":"sfu","sdp":"v=0"})
+                    .to_string()
+                    .into(),
+            ),
+            "bad_message",
+        ),
     ];
     for (msg, code) in cases {
         b.send_raw(msg.clone()).await.unwrap();
@@ -263,7 +281,7 @@ async fn bad_messages_before_join_close_the_socket() {
         (Message::Text("nope".into()), "bad_json"),
         (Message::Text(r#"{"type":"warp"}"#.into()), "unknown_type"),
         (
-            Message::Text(r#"{"type":"join","v":1}"#.into()),
+            Message::Text(r#"{"type":"join","v":2}"#.into()),
             "bad_message",
         ),
         (Message::Binary(vec![0u8; 4].into()), "binary_unsupported"),
@@ -273,32 +291,32 @@ async fn bad_messages_before_join_close_the_socket() {
         ),
         (Message::Text(r#"{"type":"ping"}"#.into()), "not_joined"),
         (
-            Message::Text(r#"{"type":"join","v":2,"room":"r","name":"n"}"#.into()),
+            Message::Text(r#"{"type":"join","v":1,"room":"r","name":"n"}"#.into()),
             "unsupported_version",
         ),
         (
-            Message::Text(r#"{"type":"join","v":1,"room":"a b","name":"n"}"#.into()),
+            Message::Text(r#"{"type":"join","v":2,"room":"a b","name":"n"}"#.into()),
             "invalid_room",
         ),
         (
-            Message::Text(r#"{"type":"join","v":1,"room":"","name":"n"}"#.into()),
+            Message::Text(r#"{"type":"join","v":2,"room":"","name":"n"}"#.into()),
             "invalid_room",
         ),
         (
             Message::Text(
-                json!({"type":"join","v":1,"room":"x".repeat(65),"name":"n"})
+                json!({"type":"join","v":2,"room":"x".repeat(65),"name":"n"})
                     .to_string()
                     .into(),
             ),
             "invalid_room",
         ),
         (
-            Message::Text(r#"{"type":"join","v":1,"room":"r","name":"  "}"#.into()),
+            Message::Text(r#"{"type":"join","v":2,"room":"r","name":"  "}"#.into()),
             "invalid_name",
         ),
         (
             Message::Text(
-                json!({"type":"join","v":1,"room":"r","name":"a\u{0}b"})
+                json!({"type":"join","v":2,"room":"r","name":"a\u{0}b"})
                     .to_string()
                     .into(),
             ),
@@ -306,7 +324,7 @@ async fn bad_messages_before_join_close_the_socket() {
         ),
         (
             Message::Text(
-                json!({"type":"join","v":1,"room":"r","name":"n".repeat(65)})
+                json!({"type":"join","v":2,"room":"r","name":"n".repeat(65)})
                     .to_string()
                     .into(),
             ),
@@ -325,14 +343,16 @@ async fn bad_messages_before_join_close_the_socket() {
 }
 
 #[tokio::test]
-async fn third_join_is_refused_with_room_full() {
-    let server = start_server().await;
+async fn join_beyond_the_room_limit_is_refused_with_room_full() {
+    let mut cfg = test_config();
+    cfg.limits.max_participants = 2;
+    let server = start_server_with(cfg).await;
     let room = room_name("full");
     let (mut a, _) = join(server.addr, &room, "A").await;
     let (mut b, _) = join(server.addr, &room, "B").await;
     a.recv_type("mode").await;
     let mut c = WsClient::connect(server.addr).await;
-    c.send_json(json!({"type": "join", "v": 1, "room": room, "name": "C"}))
+    c.send_json(json!({"type": "join", "v": 2, "room": room, "name": "C"}))
         .await;
     c.expect_error("room_full", Some(1008)).await;
     assert_quiet(&mut a).await;
@@ -498,7 +518,7 @@ fn secret_config() -> Config {
 }
 
 fn join_msg(room: &str, token: Option<String>) -> serde_json::Value {
-    json!({"type": "join", "v": 1, "room": room, "name": "N", "token": token})
+    json!({"type": "join", "v": 2, "room": room, "name": "N", "token": token})
 }
 
 #[tokio::test]

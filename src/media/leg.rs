@@ -1,0 +1,478 @@
+//! A server leg: the SFU's end of one participant's peer connection, a
+//! sans-IO `rtc` peer connection that the SFU task feeds with datagrams and
+//! drains of datagrams, events and media.
+//!
+//! Layout of every leg (the server always offers, see `docs/protocol.md`):
+//! transceiver 0 receives the participant's audio, transceiver 1 its video
+//! (the *publish* slots); then each other member of the room has one audio
+//! and one video [`DownTrack`] (sendonly, msid stream id = that member's
+//! participant id).
+//!
+//! Life: created → offered → (answer) connected ⇄ disconnected → closed.
+//! A leg is never reused after it is closed.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
+use rtc::interceptor::TaggedPacket;
+use rtc::interceptor::{Attribute, Interceptor, Packet as IPacket, Registry, Slot, StreamInfo};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::media_engine::{
+    MediaEngine, MIME_TYPE_OPUS, MIME_TYPE_VP8,
+};
+use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::state::RTCPeerConnectionState;
+use rtc::peer_connection::transport::{
+    CandidateConfig, CandidateHostConfig, RTCIceCandidate, RTCIceCandidateInit,
+};
+use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
+    RTCRtpEncodingParameters, RtpCodecKind,
+};
+use rtc::rtp_transceiver::{
+    RTCRtpReceiverId, RTCRtpSenderId, RTCRtpTransceiverDirection, RTCRtpTransceiverId,
+    RTCRtpTransceiverInit,
+};
+use rtc::sansio::Protocol;
+
+use super::forwarder::{DownTrackParams, Forwarder};
+use crate::signaling::protocol::LegState;
+
+/// Payload type of Opus on every leg (the server offers, so it chooses).
+pub const PT_OPUS: u8 = 111;
+/// Payload type of VP8 on every leg.
+pub const PT_VP8: u8 = 96;
+
+/// Audio or video; indexes the publish slots and a member's downtracks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Opus.
+    Audio = 0,
+    /// VP8.
+    Video = 1,
+}
+
+impl Kind {
+    /// Both kinds, in slot order.
+    pub const ALL: [Kind; 2] = [Kind::Audio, Kind::Video];
+
+    fn rtc(self) -> RtpCodecKind {
+        match self {
+            Kind::Audio => RtpCodecKind::Audio,
+            Kind::Video => RtpCodecKind::Video,
+        }
+    }
+
+    /// The payload type used for this kind.
+    pub fn payload_type(self) -> u8 {
+        match self {
+            Kind::Audio => PT_OPUS,
+            Kind::Video => PT_VP8,
+        }
+    }
+
+    fn clock_rate(self) -> u32 {
+        match self {
+            Kind::Audio => 48_000,
+            Kind::Video => 90_000,
+        }
+    }
+
+    /// A label for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Audio => "audio",
+            Kind::Video => "video",
+        }
+    }
+}
+
+fn opus() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_OPUS.to_owned(),
+        clock_rate: 48_000,
+        channels: 2,
+        sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
+        rtcp_feedback: vec![],
+    }
+}
+
+fn vp8() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_VP8.to_owned(),
+        clock_rate: 90_000,
+        channels: 0,
+        sdp_fmtp_line: String::new(),
+        rtcp_feedback: vec![RTCPFeedback {
+            typ: "ccm".to_owned(),
+            parameter: "fir".to_owned(),
+        }],
+    }
+}
+
+/// Marks inbound RTCP for delivery to the application: `rtc` keeps RTCP
+/// to its interceptors unless one of them asks for it, and the SFU needs
+/// subscribers' keyframe requests.
+#[derive(Default)]
+struct DeliverRtcp {
+    read: std::collections::VecDeque<TaggedPacket>,
+    write: std::collections::VecDeque<TaggedPacket>,
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverRtcp {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        if matches!(msg.message.packet, IPacket::Rtcp(_)) {
+            msg.message.add(Attribute::DeliverToApplication);
+        }
+        self.read.push_back(msg);
+        Ok(())
+    }
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.read.pop_front()
+    }
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        self.write.push_back(msg);
+        Ok(())
+    }
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.write.pop_front()
+    }
+    fn handle_timeout(&mut self, _now: Instant) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        None
+    }
+}
+
+impl Interceptor for DeliverRtcp {
+    fn bind_local_stream(&mut self, _: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _: &StreamInfo) {}
+}
+
+/// Slot of [`DeliverRtcp`] in the interceptor chain (after the built-in
+/// ones, which keep seeing every RTCP packet).
+const DELIVER_RTCP_SLOT: u32 = 14_000;
+
+/// One publisher track as sent to this leg's participant.
+#[derive(Debug)]
+pub struct DownTrack {
+    /// Sender on this leg.
+    pub sender: RTCRtpSenderId,
+    /// Track id (RTCP from the subscriber is tagged with it).
+    pub track_id: String,
+    /// Rewrites sequence numbers and timestamps.
+    pub forwarder: Forwarder,
+    /// Offer generation that first contained this downtrack.
+    offered_in: u64,
+}
+
+/// The SFU's end of one participant's peer connection.
+pub struct Leg {
+    /// Whose leg.
+    pub participant: String,
+    /// Our ICE username fragment: routes STUN to this leg.
+    pub ufrag: String,
+    pc: RTCPeerConnection,
+    publish: [RTCRtpTransceiverId; 2],
+    /// Kinds of the participant's incoming tracks, by track id.
+    inbound: HashMap<String, Kind>,
+    /// Downtracks by publisher id, `[audio, video]`.
+    pub downtracks: HashMap<String, [DownTrack; 2]>,
+    /// Generation of the last offer sent; 0 before the first.
+    offer_generation: u64,
+    /// Generation of the last answer applied.
+    answered_generation: u64,
+    /// A membership change arrived while an offer was outstanding.
+    renegotiate: bool,
+    /// Current state, as reported to the room.
+    pub state: LegState,
+}
+
+impl std::fmt::Debug for Leg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leg")
+            .field("participant", &self.participant)
+            .field("ufrag", &self.ufrag)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Errors from the `rtc` engine, as text (they are reported, not matched).
+pub type LegError = String;
+
+fn err(e: impl std::fmt::Display) -> LegError {
+    e.to_string()
+}
+
+fn random_token(len: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    (0..len)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+impl Leg {
+    /// Builds a leg for `participant` whose host candidate is `advertised`.
+    pub fn new(participant: &str, advertised: SocketAddr, now: Instant) -> Result<Leg, LegError> {
+        let ufrag = format!("cf{}", random_token(14));
+        let setting_engine = SettingEngineBuilder::new()
+            // The SFU answers checks and never gathers: ICE-lite.
+            .with_lite(true)
+            // We pick the ufrag, so STUN can be routed before any answer.
+            .with_ice_credentials(ufrag.clone(), random_token(24))
+            // GCM first: about 4x cheaper per packet than AES-CM + SHA-1.
+            .with_srtp_protection_profiles(vec![
+                SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm,
+                SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80,
+            ])
+            .build();
+        let mut media_engine = MediaEngine::default();
+        for (kind, codec) in [(Kind::Audio, opus()), (Kind::Video, vp8())] {
+            media_engine
+                .register_codec(
+                    RTCRtpCodecParameters {
+                        rtp_codec: codec,
+                        payload_type: kind.payload_type(),
+                    },
+                    kind.rtc(),
+                )
+                .map_err(err)?;
+        }
+        let registry = Registry::new().with(
+            Slot::from(DELIVER_RTCP_SLOT as usize),
+            DeliverRtcp::default(),
+        );
+        let registry = register_default_interceptors(registry, &mut media_engine).map_err(err)?;
+        let mut pc = RTCPeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_setting_engine(setting_engine)
+            .with_media_engine(media_engine)
+            .with_interceptor_registry(registry)
+            .build(now)
+            .map_err(err)?;
+        let mut publish = [RTCRtpTransceiverId::default(); 2];
+        for kind in Kind::ALL {
+            publish[kind as usize] = pc
+                .add_transceiver_from_kind(
+                    kind.rtc(),
+                    Some(RTCRtpTransceiverInit {
+                        direction: RTCRtpTransceiverDirection::Recvonly,
+                        streams: vec![],
+                        send_encodings: vec![],
+                    }),
+                )
+                .map_err(err)?;
+        }
+        let host = CandidateHostConfig {
+            base_config: CandidateConfig {
+                network: "udp".to_owned(),
+                address: advertised.ip().to_string(),
+                port: advertised.port(),
+                component: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .new_candidate_host()
+        .map_err(err)?;
+        pc.add_local_candidate(RTCIceCandidate::from(&host).to_json().map_err(err)?)
+            .map_err(err)?;
+        // An empty candidate ends gathering (and adds a=end-of-candidates).
+        pc.add_local_candidate(RTCIceCandidateInit::default())
+            .map_err(err)?;
+        Ok(Leg {
+            participant: participant.to_owned(),
+            ufrag,
+            pc,
+            publish,
+            inbound: HashMap::new(),
+            downtracks: HashMap::new(),
+            offer_generation: 0,
+            answered_generation: 0,
+            renegotiate: false,
+            state: LegState::Connecting,
+        })
+    }
+
+    /// The engine, for feeding and draining.
+    pub fn pc(&mut self) -> &mut RTCPeerConnection {
+        &mut self.pc
+    }
+
+    /// Which publish slot a receiver belongs to.
+    pub fn publish_kind(&self, receiver: RTCRtpReceiverId) -> Option<Kind> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| RTCRtpReceiverId::from(self.publish[*k as usize]) == receiver)
+    }
+
+    /// Records the kind of an incoming track (from its `OnTrack` event).
+    pub fn note_inbound(&mut self, track_id: String, kind: Kind) {
+        self.inbound.insert(track_id, kind);
+    }
+
+    /// The kind of an incoming track, if it is one of the publish slots.
+    pub fn inbound_kind(&self, track_id: &str) -> Option<Kind> {
+        self.inbound.get(track_id).copied()
+    }
+
+    /// Adds a sendonly audio and video downtrack for `publisher`.
+    pub fn add_downtracks(&mut self, publisher: &str) -> Result<(), LegError> {
+        if self.downtracks.contains_key(publisher) {
+            return Ok(());
+        }
+        let make = |pc: &mut RTCPeerConnection, kind: Kind, generation: u64| {
+            let ssrc = rand::random::<u32>() | 1;
+            let track_id = format!("{publisher}-{}", kind.as_str());
+            let codec = match kind {
+                Kind::Audio => opus(),
+                Kind::Video => vp8(),
+            };
+            let encodings = vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(ssrc),
+                    ..Default::default()
+                },
+                codec,
+                ..Default::default()
+            }];
+            let track = MediaStreamTrack::new(
+                publisher.to_owned(),
+                track_id.clone(),
+                track_id.clone(),
+                kind.rtc(),
+                encodings.clone(),
+            );
+            let id = pc
+                .add_transceiver_from_track(
+                    track,
+                    Some(RTCRtpTransceiverInit {
+                        direction: RTCRtpTransceiverDirection::Sendonly,
+                        streams: vec![publisher.to_owned()],
+                        send_encodings: encodings,
+                    }),
+                )
+                .map_err(err)?;
+            Ok::<_, LegError>(DownTrack {
+                sender: RTCRtpSenderId::from(id),
+                track_id,
+                forwarder: Forwarder::new(DownTrackParams {
+                    ssrc,
+                    payload_type: kind.payload_type(),
+                    clock_rate: kind.clock_rate(),
+                    video: kind == Kind::Video,
+                }),
+                offered_in: generation,
+            })
+        };
+        let next = self.offer_generation + 1;
+        let audio = make(&mut self.pc, Kind::Audio, next)?;
+        let video = make(&mut self.pc, Kind::Video, next)?;
+        self.downtracks.insert(publisher.to_owned(), [audio, video]);
+        Ok(())
+    }
+
+    /// Stops the downtracks of `publisher` (their sections go inactive).
+    pub fn remove_downtracks(&mut self, publisher: &str) {
+        if let Some(tracks) = self.downtracks.remove(publisher) {
+            for t in tracks {
+                let _ = self.pc.remove_track(t.sender);
+            }
+        }
+    }
+
+    /// Creates the next offer, unless one is outstanding (then the change
+    /// is folded into the offer after the answer). Returns the SDP to send.
+    pub fn negotiate(&mut self, now: Instant) -> Result<Option<String>, LegError> {
+        if self.offer_generation > self.answered_generation {
+            self.renegotiate = true;
+            return Ok(None);
+        }
+        self.renegotiate = false;
+        let offer = self.pc.create_offer(None).map_err(err)?;
+        self.pc.set_local_description(now, offer).map_err(err)?;
+        self.offer_generation += 1;
+        let sdp = self
+            .pc
+            .local_description()
+            .map(|d| d.sdp)
+            .ok_or_else(|| "no local description after offer".to_owned())?;
+        Ok(Some(sdp))
+    }
+
+    /// Applies the client's answer. Returns a follow-up offer if changes
+    /// arrived meanwhile.
+    pub fn apply_answer(&mut self, sdp: String, now: Instant) -> Result<Option<String>, LegError> {
+        if self.offer_generation == self.answered_generation {
+            return Err("no offer is outstanding on this leg".to_owned());
+        }
+        let answer = RTCSessionDescription::answer(sdp).map_err(err)?;
+        self.pc.set_remote_description(now, answer).map_err(err)?;
+        self.answered_generation = self.offer_generation;
+        if self.renegotiate {
+            return self.negotiate(now);
+        }
+        Ok(None)
+    }
+
+    /// Adds a trickled candidate of the client (errors are harmless: ICE-lite
+    /// learns the client's address from its checks anyway).
+    pub fn add_remote_candidate(&mut self, init: RTCIceCandidateInit) {
+        if let Err(e) = self.pc.add_remote_candidate(init) {
+            tracing::debug!(participant = %self.participant, error = %e, "remote candidate ignored");
+        }
+    }
+
+    /// Whether `downtrack` has been negotiated and can carry media.
+    pub fn downtrack_ready(&self, downtrack: &DownTrack) -> bool {
+        self.state == LegState::Connected && downtrack.offered_in <= self.answered_generation
+    }
+
+    /// Asks the participant for a keyframe on its published video.
+    pub fn request_keyframe(&mut self, now: Instant) {
+        let receiver = RTCRtpReceiverId::from(self.publish[Kind::Video as usize]);
+        if let Some(mut r) = self.pc.rtp_receiver(receiver) {
+            let Some(media_ssrc) = r.track().ssrcs().last() else {
+                return;
+            };
+            let pli = PictureLossIndication {
+                sender_ssrc: 0,
+                media_ssrc,
+            };
+            if let Err(e) = r.write_rtcp(now, vec![Box::new(pli)]) {
+                tracing::debug!(participant = %self.participant, error = %e, "PLI not sent");
+            }
+        }
+    }
+
+    /// Maps the engine's connection state to the protocol's leg state;
+    /// `None` for states not reported.
+    pub fn leg_state(state: RTCPeerConnectionState) -> Option<LegState> {
+        match state {
+            RTCPeerConnectionState::New | RTCPeerConnectionState::Connecting => {
+                Some(LegState::Connecting)
+            }
+            RTCPeerConnectionState::Connected => Some(LegState::Connected),
+            RTCPeerConnectionState::Disconnected => Some(LegState::Disconnected),
+            RTCPeerConnectionState::Failed => Some(LegState::Failed),
+            _ => None,
+        }
+    }
+}

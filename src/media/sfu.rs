@@ -1,0 +1,779 @@
+//! The selective forwarding unit: one task that owns one UDP socket and
+//! every server leg, routes each datagram to its leg, and forwards each
+//! publisher's RTP to the other legs of its router.
+//!
+//! Why one task: forwarding is a function call from the publisher's leg to
+//! each subscriber's leg, with no channel or lock per packet, and the
+//! socket is shared by every participant (one media port). Rooms talk to it
+//! with [`MediaCommand`]s and hear back through [`MediaEvent`]s.
+//!
+//! Routing of a datagram: a STUN request carries our ICE ufrag, which names
+//! its leg; anything else (DTLS, SRTP, STUN responses) is routed by its
+//! source address, learned only when the leg itself sends to that address
+//! (so only after the leg's ICE agent accepted a check from it).
+//!
+//! A router is the set of legs of one room, and whether it forwards now
+//! (not in peer-to-peer mode).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
+use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
+use rtc::peer_connection::transport::RTCIceCandidateInit;
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::sansio::Protocol;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use super::forwarder::{Drop as FwdDrop, Verdict};
+use super::leg::{Kind, Leg};
+use super::{stun, vp8};
+use crate::metrics::Metrics;
+use crate::signaling::protocol::{IceCandidate, LegState};
+
+/// Largest datagram accepted (an Ethernet MTU); larger ones are dropped.
+pub const MAX_DATAGRAM: usize = 1500;
+/// Bound of the command queue from rooms.
+const COMMAND_QUEUE: usize = 4096;
+/// Bound of each router's event queue to its room.
+pub const EVENT_QUEUE: usize = 1024;
+/// At most one keyframe request per publisher this often (LiveKit uses
+/// 500 ms-1 s); more would only make the publisher waste bitrate.
+const PLI_INTERVAL: Duration = Duration::from_millis(500);
+/// The longest the task sleeps without checking its legs' timers.
+const MAX_SLEEP: Duration = Duration::from_millis(100);
+
+/// Identifies a router (one room's legs); unique for the server's life.
+pub type RouterId = u64;
+
+/// What rooms ask of the SFU.
+#[derive(Debug)]
+pub enum MediaCommand {
+    /// Create a router that reports to `events`.
+    OpenRouter {
+        /// The router.
+        router: RouterId,
+        /// Where its events go.
+        events: mpsc::Sender<MediaEvent>,
+    },
+    /// Drop a router and all its legs.
+    CloseRouter {
+        /// The router.
+        router: RouterId,
+    },
+    /// Create the server leg of `participant` and offer it.
+    AddLeg {
+        /// The router.
+        router: RouterId,
+        /// The participant.
+        participant: String,
+    },
+    /// Close the leg of `participant` and stop forwarding it to others.
+    RemoveLeg {
+        /// The router.
+        router: RouterId,
+        /// The participant.
+        participant: String,
+    },
+    /// The client's answer on its leg.
+    Answer {
+        /// The router.
+        router: RouterId,
+        /// The participant.
+        participant: String,
+        /// The SDP.
+        sdp: String,
+    },
+    /// A trickled candidate of the client.
+    Candidate {
+        /// The router.
+        router: RouterId,
+        /// The participant.
+        participant: String,
+        /// The candidate.
+        candidate: IceCandidate,
+    },
+    /// Forward (server-routed modes) or not (peer-to-peer).
+    SetForwarding {
+        /// The router.
+        router: RouterId,
+        /// Forward or not.
+        on: bool,
+    },
+}
+
+/// What the SFU tells a room.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MediaEvent {
+    /// An offer to send to `participant` (`from: "sfu"`).
+    Offer {
+        /// The participant.
+        participant: String,
+        /// The SDP.
+        sdp: String,
+    },
+    /// The leg's state changed.
+    LegState {
+        /// The participant.
+        participant: String,
+        /// The new state.
+        state: LegState,
+    },
+    /// Something the client sent for its leg was refused.
+    Refused {
+        /// The participant.
+        participant: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// How rooms reach the SFU.
+#[derive(Debug, Clone)]
+pub struct SfuHandle {
+    tx: mpsc::Sender<MediaCommand>,
+    addr: SocketAddr,
+}
+
+impl SfuHandle {
+    /// Sends a command (waits if the queue is full; fails only when the SFU
+    /// has stopped).
+    pub async fn send(&self, command: MediaCommand) -> bool {
+        self.tx.send(command).await.is_ok()
+    }
+
+    /// The UDP address the SFU advertises in its candidates.
+    pub fn advertised_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// A leg's key in the SFU's tables.
+type LegKey = u64;
+
+#[derive(Debug)]
+struct Router {
+    events: mpsc::Sender<MediaEvent>,
+    forwarding: bool,
+    /// Participant id → leg, in join order.
+    legs: Vec<(String, LegKey)>,
+    /// Last keyframe request per publisher.
+    last_pli: HashMap<String, Instant>,
+}
+
+struct LegEntry {
+    router: RouterId,
+    leg: Leg,
+}
+
+/// One packet to fan out.
+struct Forward {
+    router: RouterId,
+    publisher: String,
+    kind: Kind,
+    keyframe: bool,
+    packet: rtc::rtp::Packet,
+}
+
+/// The SFU task's state.
+pub struct Sfu {
+    socket: UdpSocket,
+    local_addr: SocketAddr,
+    advertised: SocketAddr,
+    commands: mpsc::Receiver<MediaCommand>,
+    metrics: Arc<Metrics>,
+    routers: HashMap<RouterId, Router>,
+    legs: HashMap<LegKey, LegEntry>,
+    by_ufrag: HashMap<String, LegKey>,
+    by_addr: HashMap<SocketAddr, LegKey>,
+    next_key: LegKey,
+    /// Legs with work to drain after the current input.
+    dirty: HashSet<LegKey>,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Sfu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sfu")
+            .field("local_addr", &self.local_addr)
+            .field("legs", &self.legs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sfu {
+    /// Binds the media socket. `advertised` is the address put into
+    /// candidates (the public IP for 1:1 NAT, else the bound address).
+    pub async fn bind(
+        bind: SocketAddr,
+        public_ip: Option<std::net::IpAddr>,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Sfu, SfuHandle), String> {
+        let socket = UdpSocket::bind(bind)
+            .await
+            .map_err(|e| format!("cannot bind the media port {bind}: {e}"))?;
+        let local_addr = socket
+            .local_addr()
+            .map_err(|e| format!("media socket: {e}"))?;
+        let ip = match public_ip {
+            Some(ip) => ip,
+            None if local_addr.ip().is_unspecified() => {
+                return Err(format!(
+                    "the media socket is bound to {local_addr}: set --public-ip to the address clients reach"
+                ))
+            }
+            None => local_addr.ip(),
+        };
+        let advertised = SocketAddr::new(ip, local_addr.port());
+        let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
+        let sfu = Sfu {
+            socket,
+            local_addr,
+            advertised,
+            commands,
+            metrics,
+            routers: HashMap::new(),
+            legs: HashMap::new(),
+            by_ufrag: HashMap::new(),
+            by_addr: HashMap::new(),
+            next_key: 1,
+            dirty: HashSet::new(),
+            started: Instant::now(),
+        };
+        Ok((
+            sfu,
+            SfuHandle {
+                tx,
+                addr: advertised,
+            },
+        ))
+    }
+
+    /// Runs until every [`SfuHandle`] is dropped.
+    pub async fn run(mut self) {
+        // One byte more than the largest accepted datagram: a datagram
+        // that fills the buffer was larger and is dropped.
+        let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+        loop {
+            let now = Instant::now();
+            let next = self
+                .legs
+                .values_mut()
+                .filter_map(|e| e.leg.pc().poll_timeout())
+                .min()
+                .unwrap_or(now + MAX_SLEEP)
+                .min(now + MAX_SLEEP);
+            tokio::select! {
+                received = self.socket.recv_from(&mut buf) => {
+                    match received {
+                        Ok((len, from)) => self.on_datagram(&buf[..len], len > MAX_DATAGRAM, from),
+                        Err(e) => tracing::debug!(error = %e, "media socket receive error"),
+                    }
+                }
+                command = self.commands.recv() => {
+                    let Some(command) = command else { break };
+                    self.on_command(command);
+                }
+                _ = tokio::time::sleep_until(next.into()) => self.on_timers(),
+            }
+            self.drain().await;
+        }
+        for (_, mut entry) in self.legs.drain() {
+            let _ = entry.leg.pc().close();
+        }
+    }
+
+    fn on_datagram(&mut self, data: &[u8], oversize: bool, from: SocketAddr) {
+        if oversize {
+            self.metrics
+                .media_dropped
+                .with_label_values(&["oversize"])
+                .inc();
+            return;
+        }
+        let key = match stun::local_ufrag(data) {
+            Some(ufrag) => self.by_ufrag.get(ufrag).copied(),
+            None => self.by_addr.get(&from).copied(),
+        };
+        let Some(key) = key else {
+            self.metrics
+                .media_dropped
+                .with_label_values(&["unroutable"])
+                .inc();
+            return;
+        };
+        let Some(entry) = self.legs.get_mut(&key) else {
+            return;
+        };
+        let message = TaggedBytesMut {
+            now: Instant::now(),
+            transport: TransportContext {
+                local_addr: self.local_addr,
+                peer_addr: from,
+                ecn: None,
+                transport_protocol: TransportProtocol::UDP,
+            },
+            message: BytesMut::from(data),
+        };
+        if let Err(e) = entry.leg.pc().handle_read(message) {
+            self.metrics
+                .media_dropped
+                .with_label_values(&["rejected"])
+                .inc();
+            tracing::trace!(error = %e, "datagram rejected by its leg");
+        }
+        self.dirty.insert(key);
+    }
+
+    fn on_timers(&mut self) {
+        let now = Instant::now();
+        for (key, entry) in self.legs.iter_mut() {
+            let pc = entry.leg.pc();
+            if pc.poll_timeout().is_some_and(|t| t <= now) {
+                if let Err(e) = pc.handle_timeout(now) {
+                    tracing::debug!(error = %e, "leg timer error");
+                }
+                self.dirty.insert(*key);
+            }
+        }
+    }
+
+    fn leg_key(&self, router: RouterId, participant: &str) -> Option<LegKey> {
+        self.routers
+            .get(&router)?
+            .legs
+            .iter()
+            .find(|(p, _)| p == participant)
+            .map(|(_, k)| *k)
+    }
+
+    fn emit(&self, router: RouterId, event: MediaEvent) {
+        if let Some(r) = self.routers.get(&router) {
+            if r.events.try_send(event).is_err() {
+                tracing::warn!(router, "room is not reading media events; one dropped");
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: MediaCommand) {
+        let now = Instant::now();
+        match command {
+            MediaCommand::OpenRouter { router, events } => {
+                self.routers.insert(
+                    router,
+                    Router {
+                        events,
+                        forwarding: false,
+                        legs: Vec::new(),
+                        last_pli: HashMap::new(),
+                    },
+                );
+            }
+            MediaCommand::CloseRouter { router } => {
+                if let Some(r) = self.routers.remove(&router) {
+                    for (_, key) in r.legs {
+                        self.drop_leg(key);
+                    }
+                }
+            }
+            MediaCommand::AddLeg {
+                router,
+                participant,
+            } => self.add_leg(router, participant, now),
+            MediaCommand::RemoveLeg {
+                router,
+                participant,
+            } => self.remove_leg(router, &participant, now),
+            MediaCommand::Answer {
+                router,
+                participant,
+                sdp,
+            } => {
+                let Some(key) = self.leg_key(router, &participant) else {
+                    return;
+                };
+                let Some(entry) = self.legs.get_mut(&key) else {
+                    return;
+                };
+                match entry.leg.apply_answer(sdp, now) {
+                    Ok(next) => {
+                        if let Some(sdp) = next {
+                            self.emit(router, MediaEvent::Offer { participant, sdp });
+                        }
+                    }
+                    Err(message) => self.emit(
+                        router,
+                        MediaEvent::Refused {
+                            participant,
+                            message: format!("answer refused: {message}"),
+                        },
+                    ),
+                }
+                self.dirty.insert(key);
+            }
+            MediaCommand::Candidate {
+                router,
+                participant,
+                candidate,
+            } => {
+                if candidate.candidate.is_empty() {
+                    return;
+                }
+                if let Some(key) = self.leg_key(router, &participant) {
+                    if let Some(entry) = self.legs.get_mut(&key) {
+                        entry.leg.add_remote_candidate(RTCIceCandidateInit {
+                            candidate: candidate.candidate,
+                            sdp_mid: candidate.sdp_mid,
+                            sdp_mline_index: candidate.sdp_mline_index,
+                            username_fragment: candidate.username_fragment,
+                            ..Default::default()
+                        });
+                        self.dirty.insert(key);
+                    }
+                }
+            }
+            MediaCommand::SetForwarding { router, on } => {
+                let Some(r) = self.routers.get_mut(&router) else {
+                    return;
+                };
+                if r.forwarding == on {
+                    return;
+                }
+                r.forwarding = on;
+                if on {
+                    // Every downtrack starts on a keyframe: ask for them now.
+                    let publishers: Vec<String> = r.legs.iter().map(|(p, _)| p.clone()).collect();
+                    for p in publishers {
+                        self.request_keyframe(router, &p, now, true);
+                    }
+                }
+            }
+        }
+    }
+
+    fn add_leg(&mut self, router: RouterId, participant: String, now: Instant) {
+        let Some(r) = self.routers.get(&router) else {
+            return;
+        };
+        if r.legs.iter().any(|(p, _)| *p == participant) {
+            return;
+        }
+        let mut leg = match Leg::new(&participant, self.advertised, now) {
+            Ok(leg) => leg,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create a server leg");
+                self.emit(
+                    router,
+                    MediaEvent::LegState {
+                        participant,
+                        state: LegState::Failed,
+                    },
+                );
+                return;
+            }
+        };
+        let others: Vec<(String, LegKey)> = r.legs.clone();
+        let key = self.next_key;
+        self.next_key += 1;
+        // The newcomer receives every existing member; every existing member
+        // receives the newcomer.
+        for (other, other_key) in &others {
+            if let Err(e) = leg.add_downtracks(other) {
+                tracing::error!(error = %e, "cannot add downtracks");
+            }
+            if let Some(entry) = self.legs.get_mut(other_key) {
+                if let Err(e) = entry.leg.add_downtracks(&participant) {
+                    tracing::error!(error = %e, "cannot add downtracks");
+                }
+                self.renegotiate(router, *other_key, now);
+            }
+        }
+        self.by_ufrag.insert(leg.ufrag.clone(), key);
+        self.legs.insert(key, LegEntry { router, leg });
+        if let Some(r) = self.routers.get_mut(&router) {
+            r.legs.push((participant.clone(), key));
+        }
+        self.metrics.legs.inc();
+        self.emit(
+            router,
+            MediaEvent::LegState {
+                participant,
+                state: LegState::Connecting,
+            },
+        );
+        self.renegotiate(router, key, now);
+    }
+
+    fn renegotiate(&mut self, router: RouterId, key: LegKey, now: Instant) {
+        let Some(entry) = self.legs.get_mut(&key) else {
+            return;
+        };
+        let participant = entry.leg.participant.clone();
+        match entry.leg.negotiate(now) {
+            Ok(Some(sdp)) => self.emit(router, MediaEvent::Offer { participant, sdp }),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, %participant, "cannot create an offer"),
+        }
+        self.dirty.insert(key);
+    }
+
+    fn remove_leg(&mut self, router: RouterId, participant: &str, now: Instant) {
+        let Some(key) = self.leg_key(router, participant) else {
+            return;
+        };
+        let others: Vec<LegKey> = match self.routers.get_mut(&router) {
+            Some(r) => {
+                r.legs.retain(|(p, _)| p != participant);
+                r.last_pli.remove(participant);
+                r.legs.iter().map(|(_, k)| *k).collect()
+            }
+            None => Vec::new(),
+        };
+        self.drop_leg(key);
+        for other in others {
+            if let Some(entry) = self.legs.get_mut(&other) {
+                entry.leg.remove_downtracks(participant);
+            }
+            self.renegotiate(router, other, now);
+        }
+    }
+
+    fn drop_leg(&mut self, key: LegKey) {
+        if let Some(mut entry) = self.legs.remove(&key) {
+            let _ = entry.leg.pc().close();
+            self.by_ufrag.remove(&entry.leg.ufrag);
+            self.by_addr.retain(|_, k| *k != key);
+            self.dirty.remove(&key);
+            self.metrics.legs.dec();
+        }
+    }
+
+    /// Asks `publisher` for a keyframe, at most once per [`PLI_INTERVAL`]
+    /// unless `force`d.
+    fn request_keyframe(&mut self, router: RouterId, publisher: &str, now: Instant, force: bool) {
+        let Some(r) = self.routers.get_mut(&router) else {
+            return;
+        };
+        if !force
+            && r.last_pli
+                .get(publisher)
+                .is_some_and(|t| now.duration_since(*t) < PLI_INTERVAL)
+        {
+            return;
+        }
+        let Some(key) = r.legs.iter().find(|(p, _)| p == publisher).map(|(_, k)| *k) else {
+            return;
+        };
+        r.last_pli.insert(publisher.to_owned(), now);
+        if let Some(entry) = self.legs.get_mut(&key) {
+            entry.leg.request_keyframe(now);
+            self.metrics.pli.inc();
+            self.dirty.insert(key);
+        }
+    }
+
+    /// Drains every leg with pending work: events, media (forwarded to
+    /// other legs, which then have work too), and datagrams to send.
+    async fn drain(&mut self) {
+        let now = Instant::now();
+        let mut forwards: Vec<Forward> = Vec::new();
+        let mut keyframe_requests: Vec<(RouterId, String)> = Vec::new();
+        let mut state_events: Vec<(RouterId, MediaEvent)> = Vec::new();
+        let keys: Vec<LegKey> = self.dirty.iter().copied().collect();
+        for key in &keys {
+            let Some(entry) = self.legs.get_mut(key) else {
+                continue;
+            };
+            let router = entry.router;
+            let forwarding = self.routers.get(&router).is_some_and(|r| r.forwarding);
+            let leg = &mut entry.leg;
+            let mut tracks: Vec<(String, Kind)> = Vec::new();
+            while let Some(event) = leg.pc().poll_event() {
+                match event {
+                    RTCPeerConnectionEvent::OnConnectionStateChangeEvent(s) => {
+                        if let Some(state) = Leg::leg_state(s) {
+                            if state != leg.state {
+                                leg.state = state;
+                                state_events.push((
+                                    router,
+                                    MediaEvent::LegState {
+                                        participant: leg.participant.clone(),
+                                        state,
+                                    },
+                                ));
+                                if state == LegState::Connected {
+                                    // Its downtracks start now: they need keyframes.
+                                    for publisher in leg.downtracks.keys() {
+                                        keyframe_requests.push((router, publisher.clone()));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => {
+                        if let Some(kind) = leg.publish_kind(init.receiver_id) {
+                            tracks.push((init.track_id, kind));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            for (track_id, kind) in tracks {
+                leg.note_inbound(track_id, kind);
+            }
+            while let Some(TaggedRTCMessage { message, .. }) = leg.pc().poll_read() {
+                match message {
+                    RTCMessage::RtpPacket(track_id, mut packet) => {
+                        if !forwarding {
+                            continue;
+                        }
+                        let Some(kind) = leg.inbound_kind(&track_id) else {
+                            continue;
+                        };
+                        // Header extensions are negotiated per leg; none is
+                        // meaningful on another leg.
+                        packet.header.extension = false;
+                        packet.header.extensions.clear();
+                        packet.header.extension_profile = 0;
+                        let keyframe = kind == Kind::Video && vp8::is_keyframe(&packet.payload);
+                        forwards.push(Forward {
+                            router,
+                            publisher: leg.participant.clone(),
+                            kind,
+                            keyframe,
+                            packet,
+                        });
+                    }
+                    RTCMessage::RtcpPacket(track_id, packets) => {
+                        // From a subscriber about one of its downtracks.
+                        let asks_keyframe = packets.iter().any(|p| {
+                            p.as_any().downcast_ref::<PictureLossIndication>().is_some()
+                                || p.as_any().downcast_ref::<FullIntraRequest>().is_some()
+                        });
+                        if asks_keyframe {
+                            if let Some(publisher) = leg
+                                .downtracks
+                                .iter()
+                                .find(|(_, t)| t.iter().any(|d| d.track_id == track_id))
+                                .map(|(p, _)| p.clone())
+                            {
+                                keyframe_requests.push((router, publisher));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for (router, event) in state_events {
+            self.emit(router, event);
+        }
+        let micros = now.duration_since(self.started).as_micros() as u64;
+        for f in forwards {
+            self.fan_out(f, now, micros, &mut keyframe_requests);
+        }
+        for (router, publisher) in keyframe_requests {
+            self.request_keyframe(router, &publisher, now, false);
+        }
+        self.flush().await;
+    }
+
+    fn fan_out(
+        &mut self,
+        f: Forward,
+        now: Instant,
+        micros: u64,
+        keyframe_requests: &mut Vec<(RouterId, String)>,
+    ) {
+        let Some(router) = self.routers.get(&f.router) else {
+            return;
+        };
+        let h = &f.packet.header;
+        let (ssrc, sequence, timestamp) = (h.ssrc, h.sequence_number, h.timestamp);
+        let bytes = f.packet.payload.len() as u64;
+        let mut sent = 0u64;
+        for (subscriber, key) in &router.legs {
+            if *subscriber == f.publisher {
+                continue;
+            }
+            let Some(entry) = self.legs.get_mut(key) else {
+                continue;
+            };
+            let leg = &mut entry.leg;
+            let Some(tracks) = leg.downtracks.get(&f.publisher) else {
+                continue;
+            };
+            if !leg.downtrack_ready(&tracks[f.kind as usize]) {
+                continue;
+            }
+            let Some(tracks) = leg.downtracks.get_mut(&f.publisher) else {
+                continue;
+            };
+            let dt = &mut tracks[f.kind as usize];
+            match dt
+                .forwarder
+                .forward(ssrc, sequence, timestamp, f.keyframe, micros)
+            {
+                Verdict::Send {
+                    sequence,
+                    timestamp,
+                } => {
+                    let params = dt.forwarder.params();
+                    let sender = dt.sender;
+                    let mut packet = f.packet.clone();
+                    packet.header.ssrc = params.ssrc;
+                    packet.header.payload_type = params.payload_type;
+                    packet.header.sequence_number = sequence;
+                    packet.header.timestamp = timestamp;
+                    if let Some(mut s) = leg.pc().rtp_sender(sender) {
+                        match s.write_rtp(now, packet) {
+                            Ok(()) => sent += 1,
+                            Err(e) => tracing::trace!(error = %e, "write_rtp failed"),
+                        }
+                    }
+                    self.dirty.insert(*key);
+                }
+                Verdict::Drop(FwdDrop::WaitingForKeyframe) => {
+                    keyframe_requests.push((f.router, f.publisher.clone()));
+                }
+                Verdict::Drop(FwdDrop::TooOld) => {}
+            }
+        }
+        if sent > 0 {
+            let kind = f.kind.as_str();
+            self.metrics
+                .forwarded_packets
+                .with_label_values(&[kind])
+                .inc_by(sent);
+            self.metrics
+                .forwarded_bytes
+                .with_label_values(&[kind])
+                .inc_by(sent * bytes);
+        }
+    }
+
+    /// Sends every datagram the dirty legs produced.
+    async fn flush(&mut self) {
+        let keys: Vec<LegKey> = self.dirty.drain().collect();
+        for key in keys {
+            let Some(entry) = self.legs.get_mut(&key) else {
+                continue;
+            };
+            while let Some(out) = entry.leg.pc().poll_write() {
+                let to = out.transport.peer_addr;
+                // The leg chose to talk to `to` (its ICE agent accepted a
+                // check from there): route that address's traffic to it.
+                self.by_addr.entry(to).or_insert(key);
+                if let Err(e) = self.socket.send_to(&out.message, to).await {
+                    tracing::trace!(error = %e, %to, "media send failed");
+                }
+            }
+        }
+    }
+}
