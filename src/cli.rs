@@ -90,6 +90,10 @@ struct ServeArgs {
     /// Always route media through the server, even for two.
     #[arg(long, env = "CONFAB_NEVER_P2P")]
     never_p2p: bool,
+    /// Accept only AEAD_AES_128_GCM for SRTP on server legs (cheaper per
+    /// packet; every current browser supports it).
+    #[arg(long, env = "CONFAB_SRTP_GCM_ONLY")]
+    srtp_gcm_only: bool,
 }
 
 #[derive(Debug, Args)]
@@ -153,6 +157,7 @@ impl ServeArgs {
                 switch_timeout: Duration::from_millis(self.switch_timeout_ms),
                 never_p2p: self.never_p2p,
             },
+            srtp_gcm_only: self.srtp_gcm_only,
         }
     }
 }

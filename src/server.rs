@@ -57,8 +57,13 @@ impl Server {
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
         let metrics = Arc::new(Metrics::new());
-        let (sfu, sfu_handle) =
-            Sfu::bind(config.media_addr(), config.public_ip, Arc::clone(&metrics)).await?;
+        let (sfu, sfu_handle) = Sfu::bind(
+            config.media_addr(),
+            config.public_ip,
+            config.srtp_gcm_only,
+            Arc::clone(&metrics),
+        )
+        .await?;
         let media_addr = sfu_handle.advertised_addr();
         let rooms = Arc::new(Rooms::new(
             RoomSettings {

@@ -230,18 +230,28 @@ fn random_token(len: usize) -> String {
 
 impl Leg {
     /// Builds a leg for `participant` whose host candidate is `advertised`.
-    pub fn new(participant: &str, advertised: SocketAddr, now: Instant) -> Result<Leg, LegError> {
+    /// With `gcm_only`, SRTP is AEAD_AES_128_GCM or nothing.
+    pub fn new(
+        participant: &str,
+        advertised: SocketAddr,
+        gcm_only: bool,
+        now: Instant,
+    ) -> Result<Leg, LegError> {
+        // The DTLS client's order decides among these (the browser is the
+        // DTLS client here, and Chromium lists AES-CM first), so preferring
+        // GCM is only possible by offering nothing else.
+        let mut profiles = vec![SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm];
+        if !gcm_only {
+            profiles.push(SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80);
+        }
         let ufrag = format!("cf{}", random_token(14));
         let setting_engine = SettingEngineBuilder::new()
             // The SFU answers checks and never gathers: ICE-lite.
             .with_lite(true)
             // We pick the ufrag, so STUN can be routed before any answer.
             .with_ice_credentials(ufrag.clone(), random_token(24))
-            // GCM first: about 4x cheaper per packet than AES-CM + SHA-1.
-            .with_srtp_protection_profiles(vec![
-                SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm,
-                SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80,
-            ])
+            // GCM is about 4x cheaper per packet than AES-CM + SHA-1.
+            .with_srtp_protection_profiles(profiles)
             .build();
         let mut media_engine = MediaEngine::default();
         for (kind, codec) in [(Kind::Audio, opus()), (Kind::Video, vp8())] {

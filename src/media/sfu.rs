@@ -186,6 +186,7 @@ pub struct Sfu {
     socket: UdpSocket,
     local_addr: SocketAddr,
     advertised: SocketAddr,
+    srtp_gcm_only: bool,
     commands: mpsc::Receiver<MediaCommand>,
     metrics: Arc<Metrics>,
     routers: HashMap<RouterId, Router>,
@@ -213,6 +214,7 @@ impl Sfu {
     pub async fn bind(
         bind: SocketAddr,
         public_ip: Option<std::net::IpAddr>,
+        srtp_gcm_only: bool,
         metrics: Arc<Metrics>,
     ) -> Result<(Sfu, SfuHandle), String> {
         let socket = UdpSocket::bind(bind)
@@ -236,6 +238,7 @@ impl Sfu {
             socket,
             local_addr,
             advertised,
+            srtp_gcm_only,
             commands,
             metrics,
             routers: HashMap::new(),
@@ -464,7 +467,7 @@ impl Sfu {
         if r.legs.iter().any(|(p, _)| *p == participant) {
             return;
         }
-        let mut leg = match Leg::new(&participant, self.advertised, now) {
+        let mut leg = match Leg::new(&participant, self.advertised, self.srtp_gcm_only, now) {
             Ok(leg) => leg,
             Err(e) => {
                 tracing::error!(error = %e, "cannot create a server leg");
