@@ -17,6 +17,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -324,26 +325,62 @@ impl Sfu {
             },
             message: BytesMut::from(data),
         };
-        if let Err(e) = entry.leg.pc().handle_read(message) {
-            self.metrics
-                .media_dropped
-                .with_label_values(&["rejected"])
-                .inc();
-            tracing::trace!(error = %e, "datagram rejected by its leg");
+        // A bug in the engine triggered by one client's bytes must cost that
+        // client its leg, not everyone their media.
+        let result = catch_unwind(AssertUnwindSafe(|| entry.leg.pc().handle_read(message)));
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                self.metrics
+                    .media_dropped
+                    .with_label_values(&["rejected"])
+                    .inc();
+                tracing::trace!(error = %e, "datagram rejected by its leg");
+            }
+            Err(_) => {
+                self.fail_leg(key, "panicked on a datagram");
+                return;
+            }
         }
         self.dirty.insert(key);
     }
 
+    /// Drops a leg whose engine panicked, and tells its room.
+    fn fail_leg(&mut self, key: LegKey, what: &str) {
+        let Some(entry) = self.legs.get(&key) else {
+            return;
+        };
+        let (router, participant) = (entry.router, entry.leg.participant.clone());
+        tracing::error!(%participant, "server leg {what}; closed");
+        if let Some(r) = self.routers.get_mut(&router) {
+            r.legs.retain(|(_, k)| *k != key);
+        }
+        self.drop_leg(key);
+        self.emit(
+            router,
+            MediaEvent::LegState {
+                participant,
+                state: LegState::Failed,
+            },
+        );
+    }
+
     fn on_timers(&mut self) {
         let now = Instant::now();
+        let mut panicked = Vec::new();
         for (key, entry) in self.legs.iter_mut() {
             let pc = entry.leg.pc();
             if pc.poll_timeout().is_some_and(|t| t <= now) {
-                if let Err(e) = pc.handle_timeout(now) {
-                    tracing::debug!(error = %e, "leg timer error");
+                match catch_unwind(AssertUnwindSafe(|| pc.handle_timeout(now))) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %e, "leg timer error"),
+                    Err(_) => panicked.push(*key),
                 }
                 self.dirty.insert(*key);
             }
+        }
+        for key in panicked {
+            self.fail_leg(key, "panicked in a timer");
         }
     }
 

@@ -19,9 +19,14 @@ use confab::server::{Server, ShutdownHandle};
 /// How long any single expected message may take.
 pub const STEP: Duration = Duration::from_secs(5);
 
+/// The protocol version the tests speak (`join.v`).
+pub const PROTOCOL_VERSION: u64 = 2;
+
 /// A running server; shuts down when dropped.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The SFU's UDP address.
+    pub media_addr: SocketAddr,
     pub rooms: std::sync::Arc<confab::room::Rooms>,
     pub metrics: std::sync::Arc<confab::metrics::Metrics>,
     stop: ShutdownHandle,
@@ -62,6 +67,7 @@ pub fn test_config() -> Config {
 pub async fn start_server_with(cfg: Config) -> TestServer {
     let server = Server::bind(cfg).await.expect("server binds");
     let addr = server.local_addr();
+    let media_addr = server.media_addr();
     let stop = server.shutdown_handle();
     let rooms = server.rooms();
     let metrics = server.metrics();
@@ -70,6 +76,7 @@ pub async fn start_server_with(cfg: Config) -> TestServer {
     });
     TestServer {
         addr,
+        media_addr,
         rooms,
         metrics,
         stop,
@@ -251,7 +258,7 @@ impl WsReceiver {
 pub async fn join(addr: SocketAddr, room: &str, name: &str) -> (WsClient, Value) {
     join_with(
         addr,
-        serde_json::json!({"type": "join", "v": 2, "room": room, "name": name}),
+        serde_json::json!({"type": "join", "v": PROTOCOL_VERSION, "room": room, "name": name}),
     )
     .await
 }
@@ -280,4 +287,33 @@ pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> boo
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     cond()
+}
+
+/// Serialises the media tests: each runs several WebRTC stacks and a media
+/// plane, and their timing assertions (sub-second) would measure each other
+/// on a small machine. Hold the guard for the whole test.
+pub async fn media_test_lock() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
+/// The value of metric `name` in a Prometheus text exposition, summed over
+/// its label sets; `None` if it is absent.
+pub fn metric_value(exposition: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in exposition.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        if let Some(value) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+            *found.get_or_insert(0.0) += value;
+        }
+    }
+    found
 }
