@@ -103,3 +103,72 @@ and refuses settings the server would reject at start.
 {{- fail "confab: auth.jwtSecret must be at least 16 bytes (the server refuses shorter secrets)" }}
 {{- end }}
 {{- end }}
+
+{{/*
+Name of the UDP Service for the media port.
+*/}}
+{{- define "confab.mediaServiceName" -}}
+{{- printf "%s-media" (include "confab.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+True (non-empty) when the chart creates the UDP Service for the media port.
+*/}}
+{{- define "confab.mediaService" -}}
+{{- if and (not .Values.hostNetwork) .Values.media.service.enabled }}true{{ end }}
+{{- end }}
+
+{{/*
+Refuses media and mode settings the server would reject at start, or that
+would leave the media port unreachable.
+*/}}
+{{- define "confab.validateMedia" -}}
+{{- $media := .Values.media }}
+{{- $port := $media.port | int }}
+{{- if or (lt $port 1) (gt $port 65535) }}
+{{- fail (printf "confab: media.port must be a UDP port from 1 to 65535 (got %v); the pod needs a fixed port that browsers can reach" $media.port) }}
+{{- end }}
+{{- $publicIP := $media.publicIP | default "" | toString }}
+{{- if $publicIP }}
+{{- if not (or (regexMatch "^[0-9]{1,3}(\\.[0-9]{1,3}){3}$" $publicIP) (and (contains ":" $publicIP) (regexMatch "^[0-9A-Fa-f:.]+$" $publicIP))) }}
+{{- fail (printf "confab: media.publicIP must be an IPv4 or IPv6 address, not a host name (got %q); it is put into the ICE candidates browsers connect to" $publicIP) }}
+{{- end }}
+{{- if has $publicIP (list "0.0.0.0" "::") }}
+{{- fail (printf "confab: media.publicIP %q is not an address browsers can reach; set the node's or load balancer's IP" $publicIP) }}
+{{- end }}
+{{- end }}
+{{- $bind := $media.bind | default "" | toString }}
+{{- if $bind }}
+{{- if not (or (regexMatch "^[0-9]{1,3}(\\.[0-9]{1,3}){3}$" $bind) (and (contains ":" $bind) (regexMatch "^[0-9A-Fa-f:.]+$" $bind))) }}
+{{- fail (printf "confab: media.bind must be an IPv4 or IPv6 address (got %q)" $bind) }}
+{{- end }}
+{{- end }}
+{{- if and (not .Values.hostNetwork) (not $publicIP) }}
+{{- fail "confab: media.publicIP is required when hostNetwork is false. The server announces it in its ICE candidates as the address where browsers reach UDP port media.port, and refuses to start without it: set the address of the node that runs the pod (media.service.type=NodePort), of the load balancer (media.service.type=LoadBalancer), or a pod address browsers can route to. Or set hostNetwork=true to use the node's own address." }}
+{{- end }}
+{{- if and .Values.hostNetwork $media.service.enabled }}
+{{- fail "confab: media.service.enabled needs hostNetwork=false; with hostNetwork=true media.port is already a port of the node" }}
+{{- end }}
+{{- if include "confab.mediaService" . }}
+{{- $type := $media.service.type | default "" | toString }}
+{{- if not (has $type (list "NodePort" "LoadBalancer")) }}
+{{- fail (printf "confab: media.service.type must be NodePort or LoadBalancer (got %q)" $type) }}
+{{- end }}
+{{- if eq $type "NodePort" }}
+{{- $range := $media.service.nodePortRange | default "30000-32767" | toString }}
+{{- if not (regexMatch "^[0-9]+-[0-9]+$" $range) }}
+{{- fail (printf "confab: media.service.nodePortRange must look like \"30000-32767\" (got %q)" $range) }}
+{{- end }}
+{{- $bounds := splitList "-" $range }}
+{{- if or (lt $port (first $bounds | int)) (gt $port (last $bounds | int)) }}
+{{- fail (printf "confab: with media.service.type=NodePort the node port is media.port itself (the server announces its own port to browsers), so media.port (%d) must lie in the cluster's NodePort range %s, e.g. --set media.port=31882; if your cluster's range differs, set media.service.nodePortRange" $port $range) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if lt (.Values.server.maxParticipants | int) 2 }}
+{{- fail "confab: server.maxParticipants must be at least 2" }}
+{{- end }}
+{{- if lt (.Values.sfu.threshold | int) 3 }}
+{{- fail "confab: sfu.threshold must be at least 3 (the server refuses less); set sfu.neverP2P=true to route every room, pairs included, through the server" }}
+{{- end }}
+{{- end }}
