@@ -1,21 +1,41 @@
 // Confab browser client.
 //
-// Speaks the Confab signaling protocol, version 1 (docs/protocol.md): JSON
-// text frames over one WebSocket at /ws. In `p2p` mode the two members of a
-// room connect directly with one RTCPeerConnection, negotiated with the
-// perfect-negotiation pattern; the server says who is polite.
+// Speaks the Confab signaling protocol, version 2 (docs/protocol.md): JSON
+// text frames over one WebSocket at /ws.
+//
+// Every client keeps two kinds of peer connection:
+// - the *server leg*: one RTCPeerConnection to the server, set up right after
+//   `joined` and kept for the whole stay. The server always offers on it; we
+//   answer. It carries our media to the server (except in `p2p`, where it is
+//   kept warm but silent) and every other member's media back.
+// - the *direct leg* (PeerLink): one RTCPeerConnection to the one peer the
+//   server names in `p2p` and during the switches, negotiated with the
+//   perfect-negotiation pattern; the server says who is polite.
+//
+// The server owns the media mode (`p2p`, `to_sfu`, `sfu`, `to_p2p`); the client
+// follows it make-before-break: a tile keeps showing the path it shows until
+// the other path decodes, and only then swaps (each tile has one <video> per
+// path, so a swap never blanks it and each member is heard from one path).
 
-const PROTOCOL_VERSION = 1;
+const PROTOCOL_VERSION = 2;
+/** The reserved participant id of the server's end of our server leg. */
+const SFU_ID = 'sfu';
 const PING_INTERVAL_MS = 10_000;
 /** How long ICE may stay `disconnected` before the impolite side restarts it. */
 const ICE_DISCONNECTED_GRACE_MS = 4_000;
+/** How long the direct leg may stay down after an ICE restart before we report `p2p_failed`. */
+const P2P_FAIL_AFTER_MS = 5_000;
 /** Signals from a peer we have no connection for yet are kept (bounded) until its `mode` arrives. */
 const MAX_PENDING_SIGNALS = 200;
+/** Stats polling while a switch or a tile swap is pending, and otherwise. */
+const TICK_BUSY_MS = 100;
+const TICK_IDLE_MS = 1_000;
+/** A tile swaps to a path that decodes even if its <video> has not reported a frame after this long. */
+const SWAP_FRAME_GRACE_MS = 1_000;
 
-/**
- * Labels of the media-path badge. `sfu` and `switching` belong to a later
- * protocol version (server-routed media); the badge already knows them.
- */
+const PATHS = Object.freeze(['direct', 'server']);
+
+/** Labels of the media-path badge. */
 const PATH_LABELS = Object.freeze({
   joining: 'joining…',
   waiting: 'waiting for others',
@@ -26,6 +46,14 @@ const PATH_LABELS = Object.freeze({
   switching: 'switching…',
   unsupported: 'unsupported mode',
   offline: 'not connected',
+});
+
+/** Labels of a server leg's state (`server_leg` messages). */
+const LEG_LABELS = Object.freeze({
+  connecting: { long: 'server path: connecting…', short: 'server …' },
+  connected: { long: 'server path: ready ✓', short: 'server ✓' },
+  disconnected: { long: 'server path: unstable', short: 'server ?' },
+  failed: { long: 'server path: failed', short: 'server ✗' },
 });
 
 // ---------------------------------------------------------------------------
@@ -66,6 +94,21 @@ function iceServersFromWire(list) {
       if (s.credential != null) server.credential = s.credential;
       return server;
     });
+}
+
+/** The media sections of an SDP, in order: `{ kind, mid }`. */
+function mediaSections(sdp) {
+  const sections = [];
+  for (const line of String(sdp).split(/\r?\n/)) {
+    const m = /^m=(\w+)\s/.exec(line);
+    if (m) {
+      sections.push({ kind: m[1], mid: null });
+      continue;
+    }
+    const mid = /^a=mid:(\S+)/.exec(line);
+    if (mid && sections.length) sections[sections.length - 1].mid = mid[1];
+  }
+  return sections;
 }
 
 function webSocketUrl() {
@@ -127,10 +170,28 @@ function initials(name) {
   return (first + last).toUpperCase();
 }
 
+/** Shows a server leg state on a `.leg-state` element; `short` picks the compact label. */
+function renderLegState(el, state, { short = false } = {}) {
+  const labels = LEG_LABELS[state];
+  el.hidden = !labels;
+  if (!labels) return;
+  el.dataset.state = state;
+  el.textContent = short ? labels.short : labels.long;
+  el.title = labels.long;
+}
+
 // ---------------------------------------------------------------------------
 // Video grid
 
-/** One participant's tile: video (or avatar), name, mute indicators, connection state. */
+/**
+ * One participant's tile: video (or avatar), name, mute indicators, the state
+ * of the direct connection and of the member's server leg.
+ *
+ * A remote tile has one <video> per media path (`direct`, `server`), stacked.
+ * Only the rendered one is visible and audible; the other may already play
+ * the other path's stream underneath, so that a swap shows decoded frames at
+ * once and never a blank tile.
+ */
 class Tile {
   constructor({ id, name, local = false }) {
     this.id = id;
@@ -138,24 +199,35 @@ class Tile {
     this.el = $('tile-template').content.firstElementChild.cloneNode(true);
     this.el.dataset.id = id;
     this.el.classList.toggle('local', local);
-    this.video = this.el.querySelector('video');
-    this.video.muted = local; // never play our own microphone back
+    this.videos = {};
+    for (const path of PATHS) {
+      const video = this.el.querySelector(`video[data-path="${path}"]`);
+      video.muted = true;
+      for (const event of ['loadeddata', 'resize', 'emptied', 'playing']) {
+        video.addEventListener(event, () => this.refreshVideoFlag());
+      }
+      this.videos[path] = video;
+    }
+    this.streams = { direct: null, server: null };
+    this.rendered = null; // 'direct' | 'server' | null
+    this.audioBlocked = false;
     this.unmuteButton = this.el.querySelector('.unmute-audio');
     this.unmuteButton.addEventListener('click', () => {
-      this.video.muted = false;
+      this.audioBlocked = false;
       this.unmuteButton.hidden = true;
-      this.video.play().catch(() => {});
+      this.applyAudio();
     });
     this.setName(name);
     this.setMuted({ audio: false, video: false });
-    this.setStream(null);
+    this.show(null);
   }
 
   setName(name) {
     this.name = name;
     this.el.querySelector('.name').textContent = this.local ? `${name} (you)` : name;
     this.el.querySelector('.avatar').textContent = initials(name);
-    this.video.setAttribute('aria-label', this.local ? 'Your camera preview' : `Video of ${name}`);
+    const label = this.local ? 'Your camera preview' : `Video of ${name}`;
+    for (const video of Object.values(this.videos)) video.setAttribute('aria-label', label);
   }
 
   setMuted({ audio, video }) {
@@ -164,36 +236,86 @@ class Tile {
     this.el.dataset.cameraOff = String(Boolean(video));
   }
 
-  setStream(stream) {
-    if (this.video.srcObject === stream) return;
-    this.video.srcObject = stream;
-    this.el.dataset.video = stream ? 'on' : 'off';
-    if (!stream) return;
-    this.video.play().catch((err) => {
-      if (err?.name !== 'NotAllowedError' || this.local) return;
-      // Autoplay with sound refused: play muted and let the user turn sound on.
-      this.video.muted = true;
+  /** Attaches `stream` (or nothing) to the <video> of `path`. Does not change what is rendered. */
+  setPathStream(path, stream) {
+    if (this.streams[path] === stream) return;
+    this.streams[path] = stream;
+    const video = this.videos[path];
+    video.srcObject = stream;
+    if (stream) this.play(video);
+    if (!stream && this.rendered === path) this.show(null);
+    this.applyAudio();
+    this.refreshVideoFlag();
+  }
+
+  /** Makes `path` the visible and audible one (null: none). */
+  show(path) {
+    this.rendered = path;
+    this.el.dataset.rendered = path ?? 'none';
+    const video = path && this.videos[path];
+    if (video?.srcObject && video.paused) this.play(video);
+    this.applyAudio();
+    this.refreshVideoFlag();
+  }
+
+  /** Whether the <video> of `path` has a frame to show (or, without a video track, data at all). */
+  hasFrame(path) {
+    const video = this.videos[path];
+    if (!this.streams[path] || video.readyState < 2) return false;
+    const hasVideoTrack = this.streams[path].getVideoTracks().some((t) => t.readyState === 'live');
+    return !hasVideoTrack || video.videoWidth > 0;
+  }
+
+  /** Only the rendered path is heard (and only once the page may play sound). */
+  applyAudio() {
+    for (const path of PATHS) {
+      const video = this.videos[path];
+      const muted = this.local || this.audioBlocked || path !== this.rendered;
+      if (video.muted === muted) continue;
+      video.muted = muted;
+      if (!muted && video.srcObject) this.play(video);
+    }
+  }
+
+  play(video) {
+    video.play().catch((err) => {
+      if (err?.name !== 'NotAllowedError' || this.local || video.muted) return;
+      // Playing with sound was refused: play muted and let the user turn sound on.
+      this.audioBlocked = true;
       this.unmuteButton.hidden = false;
-      this.video.play().catch(() => {});
+      this.applyAudio();
+      video.play().catch(() => {});
     });
   }
 
-  /** The RTCPeerConnection state towards this participant, or null to hide it. */
+  refreshVideoFlag() {
+    this.el.dataset.video = this.rendered && this.hasFrame(this.rendered) ? 'on' : 'off';
+  }
+
+  /** The direct connection's state towards this member, or null to hide it. */
   setConnectionState(state) {
     const el = this.el.querySelector('.conn-state');
     el.hidden = !state;
-    el.textContent = state ?? '';
+    el.textContent = state ? `direct: ${state}` : '';
     if (state) this.el.dataset.conn = state;
     else delete this.el.dataset.conn;
   }
 
+  /** The member's server leg state (from `server_leg`), or null to hide it. */
+  setServerLeg(state) {
+    renderLegState(this.el.querySelector('.leg-state'), state, { short: true });
+  }
+
   remove() {
-    this.video.srcObject = null;
+    for (const video of Object.values(this.videos)) video.srcObject = null;
     this.el.remove();
   }
 }
 
-/** Lays tiles out in a grid whose column count gives the largest 16:9 tiles. */
+/** Smallest tile width before the grid scrolls instead of shrinking further. */
+const MIN_TILE_WIDTH = 160;
+
+/** Lays tiles out in rows whose column count gives the largest 16:9 tiles. */
 class TileGrid {
   constructor(el) {
     this.el = el;
@@ -243,16 +365,25 @@ class TileGrid {
       const w = Math.min(cellW, (cellH * 16) / 9);
       if (w > best.w) best = { cols, w };
     }
-    const tileW = Math.max(0, Math.floor(best.w));
-    this.el.style.setProperty('--cols', String(best.cols));
+    let tileW = Math.floor(best.w);
+    let scroll = false;
+    if (tileW < MIN_TILE_WIDTH) {
+      // Too many tiles for the height: keep them legible and scroll instead.
+      const cols = Math.max(1, Math.floor((width + gap) / (MIN_TILE_WIDTH + gap)));
+      tileW = Math.floor(Math.min(width, (width - gap * (cols - 1)) / cols));
+      scroll = true;
+    }
+    tileW = Math.max(0, tileW);
     this.el.style.setProperty('--tile-w', `${tileW}px`);
     this.el.style.setProperty('--tile-h', `${Math.floor((tileW * 9) / 16)}px`);
     this.el.dataset.count = String(this.tiles.size);
+    this.el.dataset.size = tileW < 280 ? 'small' : 'normal';
+    this.el.classList.toggle('scroll', scroll);
   }
 }
 
 // ---------------------------------------------------------------------------
-// Peer-to-peer link: one RTCPeerConnection to one peer, perfect negotiation.
+// Direct leg: one RTCPeerConnection to one peer, perfect negotiation.
 
 class PeerLink {
   /**
@@ -264,18 +395,22 @@ class PeerLink {
    * @param {(msg: object) => void} opts.signal   sends offer/answer/candidate to the peer
    * @param {(stream: MediaStream) => void} opts.onRemoteStream
    * @param {() => void} opts.onStateChange
+   * @param {() => void} opts.onFailed   ICE failed and a restart did not bring it back in time
    */
-  constructor({ peerId, polite, iceServers, localStream, signal, onRemoteStream, onStateChange }) {
+  constructor({ peerId, polite, iceServers, localStream, signal, onRemoteStream, onStateChange, onFailed }) {
     this.peerId = peerId;
     this.polite = polite;
     this.signal = signal;
     this.onRemoteStream = onRemoteStream;
     this.onStateChange = onStateChange;
+    this.onFailed = onFailed;
     this.makingOffer = false;
     this.ignoreOffer = false;
     this.settingRemoteAnswer = false;
     this.closed = false;
     this.disconnectedTimer = null;
+    this.failTimer = null;
+    this.failedReported = false;
     this.remoteStream = null;
 
     const pc = new RTCPeerConnection({ iceServers });
@@ -378,14 +513,34 @@ class PeerLink {
       this.remoteStream.addTrack(track);
       stream = this.remoteStream;
     }
+    this.remoteStream = stream;
     this.onRemoteStream(stream);
+  }
+
+  /** The receiving track of each kind: `{ audio, video }` (null when absent). */
+  remoteTracks() {
+    const tracks = { audio: null, video: null };
+    if (this.closed) return tracks;
+    for (const t of this.pc.getTransceivers()) {
+      const track = t.receiver?.track;
+      if (!track || !t.mid || tracks[track.kind]) continue;
+      if (t.currentDirection === 'sendrecv' || t.currentDirection === 'recvonly') tracks[track.kind] = track;
+    }
+    return tracks;
+  }
+
+  isUp() {
+    return ['connected', 'completed'].includes(this.pc.iceConnectionState);
   }
 
   onIceStateChange() {
     const state = this.pc.iceConnectionState;
     clearTimeout(this.disconnectedTimer);
     this.disconnectedTimer = null;
-    if (state === 'failed') {
+    if (this.isUp()) {
+      clearTimeout(this.failTimer);
+      this.failTimer = null;
+    } else if (state === 'failed') {
       this.restartIce('failed');
     } else if (state === 'disconnected') {
       this.disconnectedTimer = setTimeout(() => {
@@ -395,9 +550,18 @@ class PeerLink {
     this.onStateChange();
   }
 
-  /** The impolite side restarts ICE; the polite side waits for its offer. */
+  /** The impolite side restarts ICE; the polite side waits for its offer. Either reports a lasting failure. */
   restartIce(reason) {
     if (this.closed) return;
+    if (!this.failTimer && !this.failedReported) {
+      this.failTimer = setTimeout(() => {
+        this.failTimer = null;
+        if (this.closed || this.isUp() || this.failedReported) return;
+        this.failedReported = true;
+        this.log('the direct path did not recover');
+        this.onFailed();
+      }, P2P_FAIL_AFTER_MS);
+    }
     if (this.polite) {
       this.log(`ICE ${reason}; waiting for the peer to restart it`);
       return;
@@ -410,6 +574,155 @@ class PeerLink {
     if (this.closed) return;
     this.closed = true;
     clearTimeout(this.disconnectedTimer);
+    clearTimeout(this.failTimer);
+    this.pc.close();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Server leg: one RTCPeerConnection to the server, offered by the server.
+
+class ServerLeg {
+  /**
+   * @param {object} opts
+   * @param {RTCIceServer[]} opts.iceServers
+   * @param {MediaStream|null} opts.localStream
+   * @param {(msg: object) => void} opts.signal   sends answer/candidate to `sfu`
+   * @param {(memberId: string, stream: MediaStream, track: MediaStreamTrack) => void} opts.onTrack
+   * @param {() => void} opts.onStateChange
+   */
+  constructor({ iceServers, localStream, signal, onTrack, onStateChange }) {
+    this.localStream = localStream;
+    this.signal = signal;
+    this.onTrackCallback = onTrack;
+    this.closed = false;
+    this.sending = false;
+    this.senders = { audio: null, video: null };
+    this.bound = false;
+    this.answered = false;
+    this.queuedCandidates = [];
+    this.chain = Promise.resolve();
+    this.offersAnswered = 0;
+
+    const pc = new RTCPeerConnection({ iceServers, bundlePolicy: 'max-bundle' });
+    this.pc = pc;
+    // The server makes every offer: `negotiationneeded` is ignored on purpose.
+    pc.addEventListener('icecandidate', (e) => this.sendCandidate(e.candidate));
+    pc.addEventListener('track', (e) => this.onTrack(e));
+    pc.addEventListener('connectionstatechange', onStateChange);
+    pc.addEventListener('iceconnectionstatechange', onStateChange);
+
+    // Before the first offer is applied: tracks added with addTrack take the
+    // offer's first audio and first video section (our upstream). For a kind
+    // we lack, addTransceiver() would not help: browsers only pair remote
+    // offer sections with transceivers created by addTrack. bind() makes the
+    // section's own transceiver sendonly instead, with no track.
+    const kinds = new Set();
+    for (const track of localStream?.getTracks() ?? []) {
+      if (kinds.has(track.kind)) continue;
+      pc.addTrack(track, localStream);
+      kinds.add(track.kind);
+    }
+  }
+
+  log(...args) {
+    console.debug('[confab server leg]', ...args);
+  }
+
+  /** An `offer` from `sfu`. Offers and candidates are applied strictly in order. */
+  handleOffer(sdp) {
+    this.chain = this.chain.then(() => this.applyOffer(sdp)).catch((err) => this.log('applying an offer failed', err));
+    return this.chain;
+  }
+
+  async applyOffer(sdp) {
+    if (this.closed) return;
+    const pc = this.pc;
+    await pc.setRemoteDescription({ type: 'offer', sdp });
+    if (this.closed) return;
+    if (!this.bound) this.bind(sdp);
+    await this.applySending();
+    await pc.setLocalDescription();
+    if (this.closed) return;
+    this.signal({ type: 'answer', sdp: pc.localDescription.sdp });
+    this.offersAnswered += 1;
+    if (!this.answered) {
+      this.answered = true;
+      for (const candidate of this.queuedCandidates.splice(0)) this.sendCandidate(candidate);
+    }
+  }
+
+  /** Finds the transceivers of the offer's first audio and video sections: they carry our media. */
+  bind(sdp) {
+    this.bound = true;
+    const transceivers = this.pc.getTransceivers();
+    for (const kind of ['audio', 'video']) {
+      const section = mediaSections(sdp).find((s) => s.kind === kind);
+      const transceiver = section && transceivers.find((t) => t.mid === section.mid);
+      if (!transceiver) {
+        this.log(`the offer has no ${kind} section for our media`);
+        continue;
+      }
+      transceiver.direction = 'sendonly';
+      this.senders[kind] = transceiver.sender;
+      if (this.localStream && transceiver.sender.setStreams) {
+        try { transceiver.sender.setStreams(this.localStream); } catch { /* optional */ }
+      }
+    }
+  }
+
+  /** `true`: our media goes to the server (every mode but `p2p`); `false`: warm but silent. */
+  setSending(on) {
+    if (this.sending === on) return;
+    this.sending = on;
+    if (this.bound) {
+      this.chain = this.chain.then(() => this.applySending()).catch((err) => this.log('replaceTrack failed', err));
+    }
+  }
+
+  async applySending() {
+    for (const kind of ['audio', 'video']) {
+      const sender = this.senders[kind];
+      if (!sender || this.closed) continue;
+      const track = this.sending ? (this.localStream?.getTracks().find((t) => t.kind === kind) ?? null) : null;
+      if (sender.track !== track) await sender.replaceTrack(track);
+    }
+  }
+
+  /** A `candidate` from `sfu` (the server does not trickle, but may). */
+  handleCandidate(wire) {
+    this.chain = this.chain.then(async () => {
+      if (this.closed || !this.pc.remoteDescription) return;
+      try {
+        await this.pc.addIceCandidate(candidateFromWire(wire));
+      } catch (err) {
+        this.log('adding a server candidate failed', err);
+      }
+    });
+  }
+
+  sendCandidate(candidate) {
+    if (this.closed) return;
+    if (!this.answered) {
+      this.queuedCandidates.push(candidate);
+      return;
+    }
+    this.signal({ type: 'candidate', candidate: candidateToWire(candidate) });
+  }
+
+  onTrack({ track, streams }) {
+    // Each other member's sections carry `a=msid:<participant id> <track id>`.
+    const stream = streams[0];
+    if (!stream?.id) {
+      this.log('a server track without a stream id', track.id);
+      return;
+    }
+    this.onTrackCallback(stream.id, stream, track);
+  }
+
+  close() {
+    if (this.closed) return;
+    this.closed = true;
     this.pc.close();
   }
 }
@@ -447,20 +760,36 @@ class Session {
     this.ws = null;
     this.joined = false;
     this.participantId = null;
-    this.members = new Map(); // id → { id, name, audio_muted, video_muted }
+    this.members = new Map(); // id → { id, name, audio_muted, video_muted, server_leg }
     this.iceServers = [];
     this.mode = null; // { mode, peer, polite, epoch }
-    this.link = null; // PeerLink while in p2p mode with a peer
+    this.modeSince = 0; // performance.now() of the last mode change
+    this.link = null; // PeerLink to the current peer, while one is wanted
+    this.serverLeg = null; // ServerLeg, from `joined` on
+    this.serverLegState = null; // our own leg as the server sees it (`server_leg`)
+    this.serverMedia = new Map(); // member id → MediaStream from the server leg
     this.pendingSignals = [];
     this.localStream = null;
     this.audioMuted = false;
     this.videoMuted = false;
     this.pingTimer = null;
+    this.tickTimer = null;
+    this.ticking = false;
+    this.counters = new Map(); // receiving track id → { value, epoch, risen }
+    this.decodingSince = new Map(); // `${member}/${path}` → performance.now() when first seen decoding
+    this.readySent = new Set(); // epochs we sent media_ready for
+    this.p2pFailedSent = false;
     this.ended = false;
     this.leaving = false;
     this.lastError = null;
     this.grid = grid;
     this.localTile = null;
+    this.log = []; // { at, event, ... }: mode changes, swaps and reports, for debugging
+  }
+
+  record(event, detail = {}) {
+    this.log.push({ at: Math.round(performance.now()), event, ...detail });
+    if (this.log.length > 200) this.log.splice(0, this.log.length - 200);
   }
 
   // --- lifecycle -----------------------------------------------------------
@@ -485,7 +814,10 @@ class Session {
     }
     if (!stream?.getAudioTracks().length) this.audioMuted = true;
     if (!stream?.getVideoTracks().length) this.videoMuted = true;
-    this.localTile.setStream(stream?.getVideoTracks().length ? stream : null);
+    if (stream?.getVideoTracks().length) {
+      this.localTile.setPathStream('direct', stream);
+      this.localTile.show('direct');
+    }
     this.updateControls();
     this.connect();
   }
@@ -532,7 +864,10 @@ class Session {
     this.ended = true;
     this.joined = false;
     clearInterval(this.pingTimer);
+    clearTimeout(this.tickTimer);
     this.closeLink();
+    this.serverLeg?.close();
+    this.serverMedia.clear();
     this.localStream?.getTracks().forEach((t) => t.stop());
     this.grid.clear();
     this.updatePath();
@@ -554,6 +889,7 @@ class Session {
       case 'participant_left': return this.onParticipantLeft(msg);
       case 'participant_updated': return this.onParticipantUpdated(msg);
       case 'mode': return this.applyMode(msg);
+      case 'server_leg': return this.onServerLeg(msg);
       case 'offer':
       case 'answer':
       case 'candidate': return this.onSignal(msg);
@@ -567,26 +903,41 @@ class Session {
     this.joined = true;
     this.participantId = msg.participant_id;
     this.iceServers = iceServersFromWire(msg.ice_servers);
+    this.record('joined', { v: msg.v, participantId: this.participantId });
+    // The server leg exists before anything else, so the server's first offer finds it.
+    this.serverLeg = new ServerLeg({
+      iceServers: this.iceServers,
+      localStream: this.localStream,
+      signal: (m) => this.send({ ...m, to: SFU_ID }),
+      onTrack: (id, stream, track) => this.onServerTrack(id, stream, track),
+      onStateChange: () => this.updatePath(),
+    });
+    this.serverLegState = 'connecting';
     for (const member of msg.members ?? []) this.addMember(member);
     this.pingTimer = setInterval(() => this.send({ type: 'ping' }), PING_INTERVAL_MS);
     if (this.audioMuted || this.videoMuted) this.sendMediaState();
     if (msg.mode) this.applyMode(msg.mode);
     this.updatePath();
+    this.kick();
   }
 
   onParticipantJoined(participant) {
     if (!participant?.id) return;
     this.addMember(participant);
     announce(`${participant.name} joined`);
+    this.kick();
   }
 
   onParticipantLeft({ id }) {
     const member = this.members.get(id);
     this.members.delete(id);
+    this.serverMedia.delete(id);
+    for (const path of PATHS) this.decodingSince.delete(`${id}/${path}`);
     if (this.link?.peerId === id) this.closeLink();
     this.grid.remove(id);
     this.updateMemberCount();
     if (member) announce(`${member.name} left`);
+    this.kick();
   }
 
   onParticipantUpdated(msg) {
@@ -595,6 +946,21 @@ class Session {
     if (typeof msg.audio_muted === 'boolean') member.audio_muted = msg.audio_muted;
     if (typeof msg.video_muted === 'boolean') member.video_muted = msg.video_muted;
     this.grid.get(msg.id)?.setMuted({ audio: member.audio_muted, video: member.video_muted });
+    this.kick();
+  }
+
+  onServerLeg({ id, state }) {
+    if (typeof id !== 'string' || typeof state !== 'string') return;
+    if (id === this.participantId) {
+      this.serverLegState = state;
+      this.record('server_leg', { state });
+      this.updatePath();
+      return;
+    }
+    const member = this.members.get(id);
+    if (!member) return;
+    member.server_leg = state;
+    this.grid.get(id)?.setServerLeg(state);
   }
 
   onError({ code, message }) {
@@ -604,73 +970,108 @@ class Session {
   }
 
   addMember(raw) {
+    const previous = this.members.get(raw.id);
     const member = {
       id: raw.id,
       name: raw.name ?? raw.id,
       audio_muted: Boolean(raw.audio_muted),
       video_muted: Boolean(raw.video_muted),
+      server_leg: previous?.server_leg ?? null,
     };
     this.members.set(member.id, member);
     const tile = this.grid.get(member.id) ?? this.grid.add(new Tile({ id: member.id, name: member.name }));
     tile.setName(member.name);
     tile.setMuted({ audio: member.audio_muted, video: member.video_muted });
+    tile.setServerLeg(member.server_leg ?? 'connecting');
     this.updateMemberCount();
   }
 
   /** `mode` (also embedded in `joined`). */
   applyMode(msg) {
     if (this.mode && typeof msg.epoch === 'number' && msg.epoch < this.mode.epoch) return; // stale
+    const previous = this.mode;
     this.mode = {
       mode: msg.mode,
       peer: msg.peer ?? null,
       polite: Boolean(msg.polite),
       epoch: msg.epoch,
     };
-    if (this.mode.mode === 'p2p') {
-      this.enterPeerToPeer(this.mode);
-    } else {
-      // Not a mode of protocol version 1.
-      this.closeLink();
-      console.warn('[confab] unsupported media mode', this.mode.mode);
+    this.modeSince = performance.now();
+    this.record('mode', { ...this.mode, from: previous?.mode ?? null });
+    const { mode, peer, polite } = this.mode;
+    switch (mode) {
+      case 'p2p':
+      case 'to_p2p':
+        // Keep or build the direct leg to `peer` (none while alone).
+        if (peer) this.ensureLink(peer, polite);
+        else this.closeLink();
+        break;
+      case 'to_sfu':
+        // Keep the direct leg to the old peer (if any) until the server path decodes.
+        if (this.link && this.link.peerId !== peer) this.closeLink();
+        break;
+      case 'sfu':
+        this.closeLink();
+        break;
+      default:
+        console.warn('[confab] unknown media mode', mode);
+        break;
     }
+    if (!this.link) this.pendingSignals = [];
+    // Warm but silent in `p2p`; our media goes to the server in every other mode.
+    this.serverLeg?.setSending(mode !== 'p2p');
+    this.reconcile();
     this.updatePath();
+    this.kick();
   }
 
-  enterPeerToPeer({ peer, polite }) {
+  ensureLink(peer, polite) {
     if (this.link && this.link.peerId === peer) {
       this.link.polite = polite;
       return;
     }
     this.closeLink();
-    if (!peer) return;
 
     this.grid.get(peer) ?? this.grid.add(new Tile({ id: peer, name: this.members.get(peer)?.name ?? '…' }));
-    this.link = new PeerLink({
+    this.p2pFailedSent = false;
+    const link = new PeerLink({
       peerId: peer,
       polite,
       iceServers: this.iceServers,
       localStream: this.localStream,
       signal: (msg) => this.send({ ...msg, to: peer }),
-      onRemoteStream: (stream) => this.grid.get(peer)?.setStream(stream),
-      onStateChange: () => this.updatePath(),
+      onRemoteStream: () => this.kick(),
+      onStateChange: () => { this.updatePath(); this.kick(); },
+      onFailed: () => this.reportP2pFailed(link),
     });
+    this.link = link;
+    this.record('direct_leg', { peer, polite });
     // Replay anything the peer sent before we knew it was our peer.
     const pending = this.pendingSignals;
     this.pendingSignals = [];
     for (const msg of pending) if (msg.from === peer) this.onSignal(msg);
   }
 
-  /** Closes the peer connection and takes the old peer's media off screen. */
+  reportP2pFailed(link) {
+    if (link !== this.link || this.p2pFailedSent) return;
+    if (!['p2p', 'to_p2p'].includes(this.mode?.mode)) return;
+    this.p2pFailedSent = true;
+    this.record('p2p_failed', { peer: link.peerId });
+    this.send({ type: 'p2p_failed' });
+  }
+
+  /** Closes the direct leg; tiles that showed it fall back to the server path. */
   closeLink() {
     const link = this.link;
     this.pendingSignals = [];
     if (!link) return;
     this.link = null;
     link.close();
+    this.record('direct_leg_closed', { peer: link.peerId });
+    const tile = this.grid.get(link.peerId);
     if (this.members.has(link.peerId)) {
-      const tile = this.grid.get(link.peerId);
-      tile?.setStream(null);
       tile?.setConnectionState(null);
+      this.reconcile();
     } else {
       this.grid.remove(link.peerId);
     }
@@ -678,9 +1079,22 @@ class Session {
   }
 
   onSignal(msg) {
+    if (msg.from === SFU_ID) {
+      if (!this.serverLeg) return;
+      if (msg.type === 'offer' && typeof msg.sdp === 'string') {
+        this.record('server_offer', { sections: mediaSections(msg.sdp).length });
+        this.serverLeg.handleOffer(msg.sdp).then(() => this.kick());
+      } else if (msg.type === 'candidate') {
+        this.serverLeg.handleCandidate(msg.candidate);
+      }
+      return;
+    }
     const link = this.link;
     if (!link || link.peerId !== msg.from) {
-      if (this.pendingSignals.length < MAX_PENDING_SIGNALS) this.pendingSignals.push(msg);
+      // Keep what our coming peer sends before its `mode` reached us; drop
+      // late messages of a direct leg we already closed.
+      const expected = !this.mode || this.mode.peer === msg.from;
+      if (expected && this.pendingSignals.length < MAX_PENDING_SIGNALS) this.pendingSignals.push(msg);
       return;
     }
     if (msg.type === 'candidate') {
@@ -688,6 +1102,193 @@ class Session {
     } else if (typeof msg.sdp === 'string') {
       link.handleDescription({ type: msg.type, sdp: msg.sdp });
     }
+  }
+
+  onServerTrack(id, stream, track) {
+    this.serverMedia.set(id, stream);
+    this.record('server_track', { member: id, kind: track.kind });
+    this.kick();
+  }
+
+  // --- paths, swaps and readiness ----------------------------------------
+
+  /** The receiving tracks of `path` for member `id`: `{ audio, video }`. */
+  pathTracks(id, path) {
+    if (path === 'direct') {
+      if (!this.link || this.link.peerId !== id || this.link.closed) return { audio: null, video: null };
+      return this.link.remoteTracks();
+    }
+    const stream = this.serverMedia.get(id);
+    return {
+      audio: stream?.getAudioTracks()[0] ?? null,
+      video: stream?.getVideoTracks()[0] ?? null,
+    };
+  }
+
+  /** The stream a tile attaches for `path`, or null. */
+  pathStream(id, path) {
+    if (path === 'direct') {
+      const link = this.link;
+      return link && link.peerId === id && !link.closed ? link.remoteStream : null;
+    }
+    return this.serverMedia.get(id) ?? null;
+  }
+
+  /** The path member `id` should be rendered from in the current mode. */
+  wantedPath(id) {
+    const mode = this.mode?.mode;
+    return (mode === 'p2p' || mode === 'to_p2p') && this.mode.peer === id ? 'direct' : 'server';
+  }
+
+  /**
+   * Whether member `id`'s media decodes on `path` now: its video's
+   * framesDecoded rose between two samples taken in the current epoch (for a
+   * member that sends no video: its audio's packetsReceived). Sampling within
+   * the epoch matters: a server-leg receiver keeps its counters from an
+   * earlier server-routed period.
+   */
+  pathDecodes(id, path) {
+    const member = this.members.get(id);
+    if (!member) return false;
+    const tracks = this.pathTracks(id, path);
+    const rising = (track) => Boolean(track) && this.counters.get(track.id)?.risen === this.mode?.epoch;
+    if (rising(tracks.video)) return true;
+    if (!member.video_muted) return false;
+    // Camera off: audio is what arrives; a member that sends nothing at all cannot hold a switch up.
+    return rising(tracks.audio) || member.audio_muted;
+  }
+
+  async sampleStats() {
+    const epoch = this.mode?.epoch;
+    const pcs = [this.serverLeg?.pc, this.link?.pc].filter((pc) => pc && pc.connectionState !== 'closed');
+    const reports = await Promise.all(pcs.map((pc) => pc.getStats().catch(() => null)));
+    const seen = new Set();
+    for (const report of reports) {
+      if (!report) continue;
+      for (const s of report.values()) {
+        if (s.type !== 'inbound-rtp' || !s.trackIdentifier) continue;
+        const value = s.kind === 'video' ? (s.framesDecoded ?? 0) : (s.packetsReceived ?? 0);
+        seen.add(s.trackIdentifier);
+        const counter = this.counters.get(s.trackIdentifier);
+        if (!counter) {
+          this.counters.set(s.trackIdentifier, { value, epoch, risen: null });
+          continue;
+        }
+        if (counter.epoch === epoch && value > counter.value) counter.risen = epoch;
+        counter.value = value;
+        counter.epoch = epoch;
+      }
+    }
+    for (const id of this.counters.keys()) if (!seen.has(id)) this.counters.delete(id);
+  }
+
+  /** Attaches every tile's streams, swaps tiles whose wanted path decodes, reports readiness. */
+  reconcile() {
+    if (!this.joined || !this.mode) return;
+    const now = performance.now();
+    for (const id of this.members.keys()) {
+      const tile = this.grid.get(id);
+      if (!tile) continue;
+      for (const path of PATHS) tile.setPathStream(path, this.pathStream(id, path));
+      for (const path of PATHS) {
+        const key = `${id}/${path}`;
+        if (this.pathDecodes(id, path)) {
+          if (!this.decodingSince.has(key)) this.decodingSince.set(key, now);
+        } else {
+          this.decodingSince.delete(key);
+        }
+      }
+      const want = this.wantedPath(id);
+      const other = want === 'direct' ? 'server' : 'direct';
+      const current = tile.rendered;
+      if (current === want && tile.streams[want]) continue;
+      if (!current || !tile.streams[current]) {
+        // Nothing (left) on screen: nothing to keep, take what there is.
+        if (tile.streams[want]) this.swap(tile, want, 'attach');
+        else if (tile.streams[other] && this.pathDecodes(id, other)) this.swap(tile, other, 'fallback');
+        else if (current) tile.show(null);
+        continue;
+      }
+      // Make-before-break: swap only once the wanted path decodes (and its
+      // <video> has a frame, or had plenty of time to get one; with the
+      // camera off the tile shows the avatar and needs no frame).
+      const since = this.decodingSince.get(`${id}/${want}`);
+      const member = this.members.get(id);
+      if (since !== undefined && tile.streams[want]
+        && (tile.hasFrame(want) || member.video_muted || now - since > SWAP_FRAME_GRACE_MS)) {
+        this.swap(tile, want, 'decodes');
+      }
+    }
+    this.maybeReportReady();
+  }
+
+  swap(tile, path, reason) {
+    const from = tile.rendered;
+    tile.show(path);
+    this.record('render', { member: tile.id, from, to: path, reason });
+  }
+
+  /** Whether the current switch's target path decodes (and is on screen) for everyone it concerns. */
+  switchComplete() {
+    const mode = this.mode?.mode;
+    if (mode === 'to_sfu') {
+      for (const id of this.members.keys()) {
+        if (!this.pathDecodes(id, 'server') || this.grid.get(id)?.rendered !== 'server') return false;
+      }
+      return true;
+    }
+    if (mode === 'to_p2p') {
+      const peer = this.mode.peer;
+      if (!peer || !this.members.has(peer)) return false;
+      return this.pathDecodes(peer, 'direct') && this.grid.get(peer)?.rendered === 'direct';
+    }
+    return false;
+  }
+
+  maybeReportReady() {
+    const { epoch } = this.mode;
+    if (this.readySent.has(epoch) || !this.switchComplete()) return;
+    this.readySent.add(epoch);
+    this.record('media_ready', { epoch, mode: this.mode.mode, afterMs: Math.round(performance.now() - this.modeSince) });
+    this.send({ type: 'media_ready', epoch });
+  }
+
+  /** Whether something waits on fresh stats: a switch in progress, or a tile not on its wanted path. */
+  busy() {
+    if (!this.mode) return false;
+    const switching = this.mode.mode === 'to_sfu' || this.mode.mode === 'to_p2p';
+    if (switching && !this.readySent.has(this.mode.epoch)) return true;
+    for (const id of this.members.keys()) {
+      const tile = this.grid.get(id);
+      const want = this.wantedPath(id);
+      if (tile && tile.streams[want] && tile.rendered !== want) return true;
+    }
+    return false;
+  }
+
+  /** Re-evaluates soon with fresh stats. */
+  kick() {
+    if (this.ended || !this.joined) return;
+    clearTimeout(this.tickTimer);
+    this.tickTimer = setTimeout(() => this.tick(), 0);
+  }
+
+  async tick() {
+    if (this.ended || this.ticking) return;
+    this.ticking = true;
+    clearTimeout(this.tickTimer);
+    try {
+      await this.sampleStats();
+      if (this.ended) return;
+      this.reconcile();
+      this.updatePath();
+    } catch (err) {
+      console.warn('[confab] stats tick failed', err);
+    } finally {
+      this.ticking = false;
+    }
+    if (this.ended) return;
+    this.tickTimer = setTimeout(() => this.tick(), this.busy() ? TICK_BUSY_MS : TICK_IDLE_MS);
   }
 
   // --- local media controls ------------------------------------------------
@@ -728,16 +1329,32 @@ class Session {
     $('member-count').textContent = n === 1 ? '1 person' : `${n} people`;
   }
 
+  serverLegUp() {
+    return this.serverLegState === 'connected' || this.serverLeg?.pc.connectionState === 'connected';
+  }
+
   /** Which path media takes right now: a key of PATH_LABELS. */
   currentPath() {
     if (this.ended) return 'offline';
     if (!this.joined || !this.mode) return 'joining';
-    if (this.mode.mode !== 'p2p') return 'unsupported';
-    if (!this.mode.peer) return 'waiting';
-    const state = this.link?.pc.connectionState;
-    if (state === 'connected') return 'p2p';
-    if (state === 'disconnected' || state === 'failed') return 'reconnecting';
-    return 'connecting';
+    const { mode, peer } = this.mode;
+    if (this.members.size === 0) return 'waiting';
+    switch (mode) {
+      case 'to_sfu':
+      case 'to_p2p':
+        return 'switching';
+      case 'sfu':
+        return this.serverLegUp() ? 'sfu' : 'connecting';
+      case 'p2p': {
+        if (!peer) return 'waiting';
+        const state = this.link?.pc.connectionState;
+        if (state === 'connected') return 'p2p';
+        if (state === 'disconnected' || state === 'failed') return 'reconnecting';
+        return 'connecting';
+      }
+      default:
+        return 'unsupported';
+    }
   }
 
   updatePath() {
@@ -747,25 +1364,59 @@ class Session {
       badge.dataset.path = path;
       $('path-label').textContent = PATH_LABELS[path] ?? path;
     }
+    const leg = $('server-leg');
+    if (this.joined && this.serverLegState) renderLegState(leg, this.serverLegState);
+    else leg.hidden = true;
     if (this.link) this.grid.get(this.link.peerId)?.setConnectionState(this.link.pc.connectionState);
   }
 
   snapshot() {
+    const pcState = (pc) => (pc
+      ? { connectionState: pc.connectionState, iceConnectionState: pc.iceConnectionState, signalingState: pc.signalingState }
+      : null);
+    const trackIds = (id, path) => {
+      const t = this.pathTracks(id, path);
+      return { audio: t.audio?.id ?? null, video: t.video?.id ?? null };
+    };
+    const path = this.currentPath();
     return {
       room: this.room,
       name: this.name,
       joined: this.joined,
       participantId: this.participantId,
       mode: this.mode ? { ...this.mode } : null,
-      members: [...this.members.values()].map((m) => ({ ...m })),
-      path: this.currentPath(),
-      pathLabel: PATH_LABELS[this.currentPath()],
+      epoch: this.mode?.epoch ?? null,
+      members: [...this.members.values()].map((m) => {
+        const tile = this.grid.get(m.id);
+        return {
+          ...m,
+          rendered: tile?.rendered ?? null,
+          wanted: this.mode ? this.wantedPath(m.id) : null,
+          videoShown: tile?.el.dataset.video === 'on',
+          tracks: { direct: trackIds(m.id, 'direct'), server: trackIds(m.id, 'server') },
+          decodes: { direct: this.pathDecodes(m.id, 'direct'), server: this.pathDecodes(m.id, 'server') },
+        };
+      }),
+      path,
+      pathLabel: PATH_LABELS[path],
       connectionState: this.link?.pc.connectionState ?? null,
       iceConnectionState: this.link?.pc.iceConnectionState ?? null,
       signalingState: this.link?.pc.signalingState ?? null,
+      direct: this.link ? { peer: this.link.peerId, polite: this.link.polite, ...pcState(this.link.pc) } : null,
+      serverLeg: this.serverLeg
+        ? {
+            state: this.serverLegState,
+            sending: this.serverLeg.sending,
+            offersAnswered: this.serverLeg.offersAnswered,
+            ...pcState(this.serverLeg.pc),
+          }
+        : null,
+      mediaReadySent: [...this.readySent],
+      p2pFailedSent: this.p2pFailedSent,
       audioMuted: this.audioMuted,
       videoMuted: this.videoMuted,
       lastError: this.lastError ? { code: this.lastError.code, message: this.lastError.message } : null,
+      log: this.log.slice(),
     };
   }
 }
@@ -846,7 +1497,11 @@ window.addEventListener('popstate', () => location.reload());
 
 // Read-only debug hooks, used by the browser tests.
 window.confab = Object.freeze({
+  /** The direct leg's RTCPeerConnection, or null. */
   pc: () => session?.link?.pc ?? null,
+  /** The server leg's RTCPeerConnection, or null before `joined`. */
+  serverPc: () => session?.serverLeg?.pc ?? null,
+  /** A snapshot of the client's state (mode, members, which path each tile renders, …). */
   state: () => session?.snapshot() ?? null,
 });
 

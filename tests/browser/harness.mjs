@@ -57,17 +57,17 @@ process.on('exit', () => {
 });
 
 /**
- * Starts `confab serve --listen 127.0.0.1:0 ...args` and waits for the URL it
- * prints on stdout.
- * @returns {Promise<{url: string, port: number, child: import('node:child_process').ChildProcess,
- *   output: () => string, stop: () => Promise<void>}>}
+ * Starts `confab serve --listen 127.0.0.1:0 --media-port 0 ...args` and waits
+ * for the URL it prints on stdout (and the UDP media address it prints next).
+ * @returns {Promise<{url: string, port: number, mediaPort: number|null,
+ *   child: import('node:child_process').ChildProcess, output: () => string, stop: () => Promise<void>}>}
  */
 export async function startServer({ args = [], env = {}, timeoutMs = 15_000 } = {}) {
   const bin = serverBinary();
   if (!existsSync(bin)) {
     throw new Error(`server binary not found at ${bin} (build it with \`cargo build --bin confab\` or set CONFAB_BIN)`);
   }
-  const child = spawn(bin, ['serve', '--listen', '127.0.0.1:0', ...args], {
+  const child = spawn(bin, ['serve', '--listen', '127.0.0.1:0', '--media-port', '0', ...args], {
     cwd: repoRoot,
     env: { ...process.env, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -102,20 +102,34 @@ export async function startServer({ args = [], env = {}, timeoutMs = 15_000 } = 
     }
   };
 
+  // `Media (UDP) on 127.0.0.1:54063.`: the SFU's one UDP port.
+  const mediaPortIn = (text) => {
+    const match = /Media \(UDP\) on \S+?:(\d+)/.exec(text);
+    return match ? Number(match[1]) : null;
+  };
   try {
     const url = await new Promise((resolve, reject) => {
       const timer = setTimeout(
         () => reject(new Error(`server printed no URL within ${timeoutMs} ms`)),
         timeoutMs,
       );
+      let urlSeen = null;
+      let graceTimer = null;
+      const done = (value) => {
+        clearTimeout(timer);
+        clearTimeout(graceTimer);
+        resolve(value);
+      };
       child.stdout.on('data', (chunk) => {
         append(chunk);
         stdout += chunk;
         const match = /http:\/\/\S+/.exec(stdout);
-        if (match) {
-          clearTimeout(timer);
-          resolve(match[0]);
+        if (match && !urlSeen) {
+          urlSeen = match[0];
+          // The media line follows the URL; a server without one is not waited for long.
+          graceTimer = setTimeout(() => done(urlSeen), 2_000);
         }
+        if (urlSeen && mediaPortIn(stdout) !== null) done(urlSeen);
       });
       child.once('error', (err) => {
         clearTimeout(timer);
@@ -127,7 +141,14 @@ export async function startServer({ args = [], env = {}, timeoutMs = 15_000 } = 
       });
     });
     const parsed = new URL(url);
-    return { url: parsed.origin, port: Number(parsed.port), child, output: () => output, stop };
+    return {
+      url: parsed.origin,
+      port: Number(parsed.port),
+      mediaPort: mediaPortIn(stdout),
+      child,
+      output: () => output,
+      stop,
+    };
   } catch (err) {
     await stop();
     err.message += `\n--- server output ---\n${output}`;
@@ -200,13 +221,14 @@ export function clientState(page) {
 }
 
 /**
- * A summary of the page's RTCPeerConnection stats: inbound video/audio and the
- * selected candidate pair with both candidates. Null when there is no peer
- * connection.
+ * A summary of one of the page's RTCPeerConnections: inbound video/audio
+ * (summed, and per video stream) and the selected candidate pair with both
+ * candidates. `leg`: 'direct' (window.confab.pc(), the default) or 'server'
+ * (window.confab.serverPc()). Null when there is no such peer connection.
  */
-export function rtcSummary(page) {
-  return page.evaluate(async () => {
-    const pc = window.confab?.pc();
+export function rtcSummary(page, { leg = 'direct' } = {}) {
+  return page.evaluate(async (leg) => {
+    const pc = leg === 'server' ? window.confab?.serverPc() : window.confab?.pc();
     if (!pc) return null;
     const report = await pc.getStats();
     const now = performance.now();
@@ -237,12 +259,21 @@ export function rtcSummary(page) {
     const pair = transport
       ? byId.get(transport.selectedCandidatePairId)
       : stats.find((s) => s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded');
+    const videoStreams = stats
+      .filter((s) => s.type === 'inbound-rtp' && s.kind === 'video')
+      .map((s) => ({
+        trackIdentifier: s.trackIdentifier ?? null,
+        mid: s.mid ?? null,
+        framesDecoded: s.framesDecoded ?? 0,
+        packetsReceived: s.packetsReceived ?? 0,
+      }));
     return {
       now,
       connectionState: pc.connectionState,
       iceConnectionState: pc.iceConnectionState,
       video: inbound('video'),
       audio: inbound('audio'),
+      videoStreams,
       selectedPair: pair
         ? {
             state: pair.state,
@@ -252,19 +283,19 @@ export function rtcSummary(page) {
           }
         : null,
     };
-  });
+  }, leg);
 }
 
 /**
  * Polls (in the page, every `intervalMs`) until the first remote video frame
- * is decoded and returns the page time of that moment, in ms since navigation
- * start. Null if none is decoded within `timeoutMs`.
+ * is decoded on `leg` ('direct' or 'server') and returns the page time of that
+ * moment, in ms since navigation start. Null if none is decoded within `timeoutMs`.
  */
-export function firstRemoteFrameTime(page, { timeoutMs = 30_000, intervalMs = 50 } = {}) {
-  return page.evaluate(async ({ timeoutMs, intervalMs }) => {
+export function firstRemoteFrameTime(page, { timeoutMs = 30_000, intervalMs = 50, leg = 'direct' } = {}) {
+  return page.evaluate(async ({ timeoutMs, intervalMs, leg }) => {
     const deadline = performance.now() + timeoutMs;
     while (performance.now() < deadline) {
-      const pc = window.confab?.pc();
+      const pc = leg === 'server' ? window.confab?.serverPc() : window.confab?.pc();
       if (pc && pc.connectionState !== 'closed') {
         const report = await pc.getStats();
         for (const s of report.values()) {
@@ -276,7 +307,7 @@ export function firstRemoteFrameTime(page, { timeoutMs = 30_000, intervalMs = 50
       await new Promise((resolve) => setTimeout(resolve, intervalMs));
     }
     return null;
-  }, { timeoutMs, intervalMs });
+  }, { timeoutMs, intervalMs, leg });
 }
 
 /** Opens the client at `url` and waits until it has joined (window.confab.state().joined). */

@@ -1,4 +1,5 @@
-// Two browsers, one room: media must flow directly between them.
+// Two browsers, one room: media must flow directly between them (protocol
+// version 2: each client also keeps a warm, silent server leg).
 //
 // Run inside a loopback-only network namespace (as root):
 //   unshare -n sh -c 'ip link set lo up && node --test tests/browser/'
@@ -61,6 +62,20 @@ test('two browsers call each other peer-to-peer', { timeout: 60_000 }, async (t)
     assert.equal(aliceState.mode.polite, true, 'alice (first) is polite');
     assert.equal(bobState.mode.polite, false, 'bob (later) is impolite');
 
+    // Both clients also hold a server leg: connected to the server's UDP media port.
+    const legs = await pollUntil(async () => {
+      const s = await Promise.all([rtcSummary(alice.page, { leg: 'server' }), rtcSummary(bob.page, { leg: 'server' })]);
+      return s.every((x) => x?.connectionState === 'connected' && x.selectedPair?.remote) ? s : null;
+    }, { timeoutMs: 15_000, what: 'both server legs connected with a selected pair' });
+    for (const [i, name] of ['alice', 'bob'].entries()) {
+      const pair = legs[i].selectedPair;
+      console.log(`${name} server leg pair: ${JSON.stringify(pair)}`);
+      if (server.mediaPort !== null) {
+        assert.equal(pair.remote.port, server.mediaPort, `${name}'s server leg goes to the server's media port`);
+      }
+    }
+    const mediaPort = server.mediaPort ?? legs[0].selectedPair.remote.port;
+
     // Frames keep being decoded on both sides.
     const before = await pollUntil(async () => {
       const s = await Promise.all([rtcSummary(alice.page), rtcSummary(bob.page)]);
@@ -85,6 +100,16 @@ test('two browsers call each other peer-to-peer', { timeout: 60_000 }, async (t)
     assert.equal(b.remote.port, a.local.port, "bob's remote candidate is alice's local candidate");
     assert.notEqual(a.remote.port, server.port, 'alice is not connected to the server port');
     assert.notEqual(b.remote.port, server.port, 'bob is not connected to the server port');
+    assert.notEqual(a.remote.port, mediaPort, "alice's direct leg does not go to the server's media port");
+    assert.notEqual(b.remote.port, mediaPort, "bob's direct leg does not go to the server's media port");
+
+    // In p2p the server leg is warm but silent: nothing is sent on it.
+    for (const [label, page] of [['alice', alice.page], ['bob', bob.page]]) {
+      const leg = (await clientState(page)).serverLeg;
+      assert.equal(leg.sending, false, `${label} sends nothing on the server leg in p2p`);
+      const senders = await page.evaluate(() => window.confab.serverPc().getSenders().map((s) => s.track?.kind ?? null));
+      assert.ok(senders.every((k) => k === null), `${label}'s server-leg senders carry no track (${senders})`);
+    }
 
     // The badge tells the user.
     assert.equal(await waitForBadge(alice.page, 'peer-to-peer', { timeoutMs: 5_000 }), 'peer-to-peer');
