@@ -261,6 +261,20 @@ test('p2p → server when a third joins → p2p when it leaves, without frame ga
     await checkServerRouted(browsers, mediaPort);
     await shots('2-sfu', browsers);
 
+    // The server's own count of forwarded packets, from /metrics, while the
+    // three are server-routed: it must be moving.
+    const forwarded = async () => {
+      const text = await (await fetch(`${server.url}/metrics`)).text();
+      const value = (kind) => Number(new RegExp(`^confab_forwarded_packets_total\\{kind="${kind}"\\} (\\d+)`, 'm').exec(text)?.[1] ?? 0);
+      return { audio: value('audio'), video: value('video') };
+    };
+    const f1 = await forwarded();
+    await sleep(1_000);
+    const f2 = await forwarded();
+    console.log(`server forwarded packets so far: video ${f2.video}, audio ${f2.audio}; `
+      + `rate with 3 members: video ${f2.video - f1.video}/s, audio ${f2.audio - f1.audio}/s`);
+    assert.ok(f2.video > f1.video && f2.audio > f1.audio, 'the server is forwarding audio and video');
+
     // Make-before-break: alice and bob confirmed the server path before the room moved.
     const toSfuReport = [];
     for (const [label, page] of [['alice', alice.page], ['bob', bob.page]]) {
