@@ -416,6 +416,10 @@ impl Leg {
             return Ok(None);
         }
         self.renegotiate = false;
+        // Gathering is complete from the start (one host candidate); say so
+        // again so that every offer, not just the first, carries
+        // a=end-of-candidates.
+        let _ = self.pc.add_local_candidate(RTCIceCandidateInit::default());
         let offer = self.pc.create_offer(None).map_err(err)?;
         self.pc.set_local_description(now, offer).map_err(err)?;
         self.offer_generation += 1;

@@ -50,6 +50,24 @@ const PLI_INTERVAL: Duration = Duration::from_millis(500);
 /// The longest the task sleeps without checking its legs' timers.
 const MAX_SLEEP: Duration = Duration::from_millis(100);
 
+/// Socket buffer size asked for (the kernel caps it at `net.core.rmem_max`
+/// / `wmem_max`). Every participant shares this one socket, so the default
+/// (about 200 KiB, some 90 full-size datagrams) overflows under a burst and
+/// the kernel drops honest packets with the junk.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Binds the shared UDP socket with large buffers.
+fn bind_media_socket(bind: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a smaller buffer still works.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.set_nonblocking(true)?;
+    socket.bind(&bind.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
 /// Identifies a router (one room's legs); unique for the server's life.
 pub type RouterId = u64;
 
@@ -218,8 +236,7 @@ impl Sfu {
         srtp_gcm_only: bool,
         metrics: Arc<Metrics>,
     ) -> Result<(Sfu, SfuHandle), String> {
-        let socket = UdpSocket::bind(bind)
-            .await
+        let socket = bind_media_socket(bind)
             .map_err(|e| format!("cannot bind the media port {bind}: {e}"))?;
         let local_addr = socket
             .local_addr()
@@ -600,6 +617,11 @@ impl Sfu {
         let Some(r) = self.routers.get_mut(&router) else {
             return;
         };
+        // Nothing is forwarded in peer-to-peer mode; forwarding asks anew
+        // when it starts.
+        if !r.forwarding {
+            return;
+        }
         if !force
             && r.last_pli
                 .get(publisher)
@@ -624,6 +646,7 @@ impl Sfu {
         let now = Instant::now();
         let mut forwards: Vec<Forward> = Vec::new();
         let mut keyframe_requests: Vec<(RouterId, String)> = Vec::new();
+        let mut forced_keyframes: Vec<(RouterId, String)> = Vec::new();
         let mut state_events: Vec<(RouterId, MediaEvent)> = Vec::new();
         let keys: Vec<LegKey> = self.dirty.iter().copied().collect();
         for key in &keys {
@@ -648,9 +671,10 @@ impl Sfu {
                                     },
                                 ));
                                 if state == LegState::Connected {
-                                    // Its downtracks start now: they need keyframes.
+                                    // Its downtracks start now: they need
+                                    // keyframes, whatever the throttle says.
                                     for publisher in leg.downtracks.keys() {
-                                        keyframe_requests.push((router, publisher.clone()));
+                                        forced_keyframes.push((router, publisher.clone()));
                                     }
                                 }
                             }
@@ -717,6 +741,9 @@ impl Sfu {
         let micros = now.duration_since(self.started).as_micros() as u64;
         for f in forwards {
             self.fan_out(f, now, micros, &mut keyframe_requests);
+        }
+        for (router, publisher) in forced_keyframes {
+            self.request_keyframe(router, &publisher, now, true);
         }
         for (router, publisher) in keyframe_requests {
             self.request_keyframe(router, &publisher, now, false);
