@@ -6,7 +6,9 @@
 #![allow(unreachable_pub)]
 
 mod common;
+mod lossy_proxy;
 mod p2p_media;
 mod process;
 mod rtc_peer;
+mod sfu_media;
 mod signaling;

@@ -1,0 +1,268 @@
+//! An in-process UDP relay between one client and the SFU that drops a
+//! seeded, reproducible fraction of the server's RTP packets towards the
+//! client, each (SSRC, sequence number) at most once, so that what is lost
+//! can be recovered by a single retransmission.
+//!
+//! The client reaches the relay because its copy of the server's offer names
+//! the relay's address as the server's host candidate
+//! (`PeerConfig::server_media_via`); the relay forwards from a socket of its
+//! own, which the ICE-lite server learns from the client's checks like any
+//! other client address. STUN, DTLS and RTCP pass untouched, and so does
+//! everything while the relay is not armed. The RTP header (sequence number,
+//! SSRC) is not encrypted by SRTP, so the relay can read it.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+
+/// One dropped RTP packet.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dropped {
+    /// SSRC from its header.
+    pub(crate) ssrc: u32,
+    /// Sequence number from its header.
+    pub(crate) sequence: u16,
+    /// When it was dropped.
+    pub(crate) at: Instant,
+}
+
+/// What the relay did.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ProxyStats {
+    /// Datagrams client -> server.
+    pub(crate) up: u64,
+    /// Datagrams server -> client, forwarded.
+    pub(crate) down: u64,
+    /// RTP packets of the impaired payload type seen in the impaired direction while armed.
+    pub(crate) rtp_armed: u64,
+    /// Dropped packets, in order.
+    pub(crate) dropped: Vec<Dropped>,
+}
+
+/// Which way the relay drops packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Towards {
+    /// The server's RTP to the client (the server's NACK responder recovers).
+    Client,
+    /// The client's RTP to the server (the server's NACK generator asks the
+    /// client, a publisher, to retransmit).
+    Server,
+}
+
+/// A running relay; stops when dropped.
+pub(crate) struct LossyProxy {
+    /// The address the client is pointed at.
+    pub(crate) addr: SocketAddr,
+    armed: Arc<AtomicBool>,
+    stats: Arc<Mutex<ProxyStats>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for LossyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// xorshift64*: a tiny generator whose sequence is fixed by its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn unit(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// `(ssrc, sequence)` of an RTP packet with payload type `pt`, or `None`
+/// for anything else (STUN, DTLS, RTCP, other payload types).
+fn rtp_of_type(datagram: &[u8], pt: u8) -> Option<(u32, u16)> {
+    if datagram.len() < 12 || datagram[0] >> 6 != 2 || datagram[1] & 0x7f != pt {
+        return None;
+    }
+    let sequence = u16::from_be_bytes([datagram[2], datagram[3]]);
+    let ssrc = u32::from_be_bytes([datagram[8], datagram[9], datagram[10], datagram[11]]);
+    Some((ssrc, sequence))
+}
+
+impl LossyProxy {
+    /// Relays between one client and `server`, dropping a `loss` fraction
+    /// of RTP packets with payload type `payload_type` towards the client
+    /// while armed.
+    pub(crate) async fn start(
+        server: SocketAddr,
+        loss: f64,
+        seed: u64,
+        payload_type: u8,
+    ) -> LossyProxy {
+        Self::start_towards(server, loss, seed, payload_type, Towards::Client).await
+    }
+
+    /// [`LossyProxy::start`], dropping in the given direction.
+    pub(crate) async fn start_towards(
+        server: SocketAddr,
+        loss: f64,
+        seed: u64,
+        payload_type: u8,
+        towards: Towards,
+    ) -> LossyProxy {
+        let down = UdpSocket::bind("127.0.0.1:0").await.expect("relay binds");
+        let up = UdpSocket::bind("127.0.0.1:0").await.expect("relay binds");
+        let addr = down.local_addr().unwrap();
+        let armed = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(Mutex::new(ProxyStats::default()));
+        let task = tokio::spawn(relay(
+            down,
+            up,
+            server,
+            Impairment {
+                loss,
+                rng: Rng(seed.max(1)),
+                payload_type,
+                towards,
+            },
+            armed.clone(),
+            stats.clone(),
+        ));
+        LossyProxy {
+            addr,
+            armed,
+            stats,
+            task,
+        }
+    }
+
+    /// Starts or stops dropping.
+    pub(crate) fn arm(&self, on: bool) {
+        self.armed.store(on, Ordering::Relaxed);
+    }
+
+    /// What happened so far.
+    pub(crate) fn stats(&self) -> ProxyStats {
+        self.stats.lock().unwrap().clone()
+    }
+}
+
+/// What the relay drops.
+struct Impairment {
+    loss: f64,
+    rng: Rng,
+    payload_type: u8,
+    towards: Towards,
+}
+
+impl Impairment {
+    /// Whether to drop `datagram` (going `towards`), recording it.
+    fn drops(
+        &mut self,
+        datagram: &[u8],
+        towards: Towards,
+        seen: &mut HashSet<(u32, u16)>,
+        stats: &Mutex<ProxyStats>,
+    ) -> bool {
+        if towards != self.towards {
+            return false;
+        }
+        let Some(key) = rtp_of_type(datagram, self.payload_type) else {
+            return false;
+        };
+        let mut s = stats.lock().unwrap();
+        s.rtp_armed += 1;
+        // Each packet is dropped at most once: its retransmission (same
+        // SSRC and sequence) passes.
+        if seen.insert(key) && self.rng.unit() < self.loss {
+            s.dropped.push(Dropped {
+                ssrc: key.0,
+                sequence: key.1,
+                at: Instant::now(),
+            });
+            return true;
+        }
+        false
+    }
+}
+
+async fn relay(
+    down: UdpSocket,
+    up: UdpSocket,
+    server: SocketAddr,
+    mut impairment: Impairment,
+    armed: Arc<AtomicBool>,
+    stats: Arc<Mutex<ProxyStats>>,
+) {
+    let mut client: Option<SocketAddr> = None;
+    let mut seen: HashSet<(u32, u16)> = HashSet::new();
+    let mut from_client = vec![0u8; 2048];
+    let mut from_server = vec![0u8; 2048];
+    loop {
+        tokio::select! {
+            r = down.recv_from(&mut from_client) => {
+                let Ok((n, src)) = r else { return };
+                client = Some(src);
+                let datagram = &from_client[..n];
+                if armed.load(Ordering::Relaxed)
+                    && impairment.drops(datagram, Towards::Server, &mut seen, &stats)
+                {
+                    continue;
+                }
+                let _ = up.send_to(datagram, server).await;
+                stats.lock().unwrap().up += 1;
+            }
+            r = up.recv_from(&mut from_server) => {
+                let Ok((n, src)) = r else { return };
+                let Some(client) = client else { continue };
+                if src != server {
+                    continue;
+                }
+                let datagram = &from_server[..n];
+                if armed.load(Ordering::Relaxed)
+                    && impairment.drops(datagram, Towards::Client, &mut seen, &stats)
+                {
+                    continue;
+                }
+                let _ = down.send_to(datagram, client).await;
+                stats.lock().unwrap().down += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_rtp_by_payload_type() {
+        let mut rtp = [0u8; 20];
+        rtp[0] = 0x80;
+        rtp[1] = 0x80 | 96; // marker + PT 96
+        rtp[2..4].copy_from_slice(&513u16.to_be_bytes());
+        rtp[8..12].copy_from_slice(&7u32.to_be_bytes());
+        assert_eq!(rtp_of_type(&rtp, 96), Some((7, 513)));
+        assert_eq!(rtp_of_type(&rtp, 111), None);
+        let mut rtcp = rtp;
+        rtcp[1] = 200; // sender report: 200 & 0x7f = 72
+        assert_eq!(rtp_of_type(&rtcp, 96), None);
+        assert_eq!(rtp_of_type(&[0x00, 0x01, 0, 0], 96), None, "STUN");
+        assert_eq!(rtp_of_type(&[22, 254, 253], 96), None, "DTLS");
+    }
+
+    #[test]
+    fn the_generator_is_fixed_by_its_seed() {
+        let draw = |seed| {
+            let mut r = Rng(seed);
+            (0..1000).map(|_| r.unit()).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(42), draw(42));
+        assert_ne!(draw(42), draw(43));
+        let below = draw(42).iter().filter(|x| **x < 0.05).count();
+        assert!((25..=75).contains(&below), "{below} of 1000 below 0.05");
+    }
+}

@@ -1,0 +1,1629 @@
+//! Server-routed media (protocol version 2) with webrtc-rs clients: every
+//! member's server leg, forwarding through the SFU to every other member,
+//! keyframe requests for a late joiner, a crashed member, and the
+//! 2 -> 3 -> 2 switch between peer-to-peer and the server.
+//!
+//! Every client streams numbered packets (see `rtc_peer`) from the moment it
+//! joins, on the legs its mode calls for, and renders each remote stream
+//! from one path at a time. The checks are exact: every rendered stream is
+//! gapless from its first packet to the sender's last, across path switches
+//! and renegotiations, and every path delivered its packets without loss,
+//! reordering or corruption. Loss at the very start of a stream is expected
+//! and excluded by construction (a stream is counted from its first
+//! delivered packet): before a subscriber's downtrack exists, or before a
+//! key frame, the server rightly forwards nothing.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use confab::config::Config;
+use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+use webrtc::peer_connection::RTCPeerConnectionState;
+
+use crate::common::{
+    join, media_test_lock, metric_value, room_name, start_server_with, test_config, TestServer,
+    STEP,
+};
+use crate::lossy_proxy::{LossyProxy, Towards};
+use crate::rtc_peer::{
+    summarize_sdp, Path, PeerConfig, RtcPeer, SendReport, SignalingHandle, Streamer,
+    VIDEO_PAYLOAD_TYPE,
+};
+
+/// One packet per source this often (50 packets/s, a typical video frame rate).
+const INTERVAL: Duration = Duration::from_millis(20);
+/// RTP payload size.
+const PAYLOAD_LEN: usize = 1000;
+/// How long a measured stretch of streaming lasts.
+const MEASURE: Duration = Duration::from_secs(2);
+/// Time for the last packets to arrive after the senders stop.
+const DRAIN: Duration = Duration::from_millis(500);
+/// Bound on reaching a mode or a rendering state.
+const SETTLE: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------
+
+/// A member of the call: its client, its signaling driver and its sender.
+struct Member {
+    peer: RtcPeer,
+    sig: Option<SignalingHandle>,
+    id: String,
+    joined_at: Instant,
+    streamer: Option<Streamer>,
+    /// Reports of the stopped streamer, one per source (video first).
+    sent: Vec<SendReport>,
+}
+
+impl Member {
+    fn name(&self) -> &str {
+        &self.peer.name
+    }
+
+    fn sig(&self) -> &SignalingHandle {
+        self.sig.as_ref().expect("signaling running")
+    }
+
+    /// The tags of this member's sources (video first).
+    fn tags(&self) -> Vec<u32> {
+        self.peer
+            .video()
+            .iter()
+            .chain(self.peer.audio().iter())
+            .map(|s| s.tag)
+            .collect()
+    }
+
+    fn video_tag(&self) -> u32 {
+        self.peer.video().expect("a video source").tag
+    }
+
+    async fn stop_streaming(&mut self) {
+        if let Some(streamer) = self.streamer.take() {
+            self.sent = streamer.stop().await;
+        }
+    }
+
+    /// Counter after the last packet of the source tagged `tag`.
+    fn end_of(&self, tag: u32) -> u32 {
+        self.sent
+            .iter()
+            .find(|r| r.tag == tag)
+            .map(SendReport::end)
+            .unwrap_or_else(|| panic!("{}: no report for {tag:#010x}", self.name()))
+    }
+}
+
+/// Builds the client, joins, starts signaling and streaming.
+async fn join_member(server: &TestServer, room: &str, config: PeerConfig) -> Member {
+    let name = config.name.clone();
+    let peer = RtcPeer::new(config)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let joined_at = Instant::now();
+    let (ws, joined) = join(server.addr, room, &name).await;
+    let id = joined["participant_id"].as_str().unwrap().to_owned();
+    let (tx, rx) = ws.into_split();
+    let sig = peer.start_signaling(&joined, tx, rx);
+    let streamer = peer.start_streaming(INTERVAL, PAYLOAD_LEN);
+    Member {
+        peer,
+        sig: Some(sig),
+        id,
+        joined_at,
+        streamer: Some(streamer),
+        sent: Vec::new(),
+    }
+}
+
+/// Every member's timeline from `since`.
+fn history(members: &[&Member], since: Instant) -> String {
+    let mut out = String::new();
+    for m in members {
+        out.push_str(&format!("--- {} ({}) ---\n", m.name(), m.id));
+        for line in m.peer.timeline(since) {
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// A server with ephemeral ports on 127.0.0.1 (see `common::test_config`).
+fn config() -> Config {
+    test_config()
+}
+
+/// Waits until every member is in `mode`.
+async fn wait_all_mode(members: &[&Member], mode: &str, since: Instant) {
+    for m in members {
+        if let Err(e) = m.peer.wait_mode(mode, 0, SETTLE).await {
+            panic!(
+                "{e}\nmodes seen: {:?}\n{}",
+                m.sig().log().mode_names(),
+                history(members, since)
+            );
+        }
+    }
+}
+
+/// Waits until every member renders every other member's streams from the
+/// server.
+async fn wait_all_rendering_via_server(members: &[&Member], since: Instant) {
+    for r in members {
+        let tags: Vec<u32> = members
+            .iter()
+            .filter(|s| s.id != r.id)
+            .flat_map(|s| s.tags())
+            .collect();
+        if let Err(e) = r.peer.wait_rendering(&tags, Path::Server, SETTLE).await {
+            panic!("{e}\n{}", history(members, since));
+        }
+    }
+}
+
+/// The counters each sender will write next, by tag.
+fn next_counters(members: &[&Member]) -> BTreeMap<u32, u32> {
+    members
+        .iter()
+        .flat_map(|m| {
+            m.peer
+                .video()
+                .iter()
+                .chain(m.peer.audio().iter())
+                .map(|s| (s.tag, s.next_counter()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Per-receiver, per-sender figures of one run.
+#[derive(Default)]
+struct Figures {
+    pairs: usize,
+    rendered: usize,
+    via_server: usize,
+    late: usize,
+}
+
+/// The exact checks for every (receiver, sender) pair among `members`:
+/// the rendered stream covers `from[tag]..end` with no gap anywhere in its
+/// history, and every track of every path delivered clean, consecutive
+/// packets of that one sender with the negotiated payload type and size.
+fn check_pairs(members: &[&Member], from: &BTreeMap<u32, u32>, since: Instant) -> Figures {
+    check_streams(members, members, from, since)
+}
+
+/// [`check_pairs`] for the streams of `senders` at `receivers`.
+fn check_streams(
+    receivers: &[&Member],
+    senders: &[&Member],
+    from: &BTreeMap<u32, u32>,
+    since: Instant,
+) -> Figures {
+    let members: Vec<&Member> = receivers
+        .iter()
+        .chain(
+            senders
+                .iter()
+                .filter(|s| !receivers.iter().any(|r| r.id == s.id)),
+        )
+        .copied()
+        .collect();
+    let members = members.as_slice();
+    let mut figures = Figures::default();
+    for r in receivers {
+        for s in senders.iter().filter(|s| s.id != r.id) {
+            for tag in s.tags() {
+                let stream = r.peer.stream(tag).unwrap_or_else(|| {
+                    panic!(
+                        "{} never received {}'s stream {tag:#010x}\n{}",
+                        r.name(),
+                        s.name(),
+                        history(members, since)
+                    )
+                });
+                assert_eq!(
+                    stream.member.as_deref(),
+                    Some(s.id.as_str()),
+                    "{}: {}'s stream is attributed to another member",
+                    r.name(),
+                    s.name()
+                );
+                let window = from[&tag]..s.end_of(tag);
+                if let Err(e) = stream.check_continuous(window.clone()) {
+                    panic!(
+                        "{} <- {}: {e}\n{}",
+                        r.name(),
+                        s.name(),
+                        history(members, since)
+                    );
+                }
+                for record in r
+                    .peer
+                    .received()
+                    .iter()
+                    .filter(|t| t.packets.first().is_some_and(|p| p.tag == tag))
+                {
+                    if let Err(e) = record.check_clean(tag) {
+                        panic!("{} <- {}: {e}", r.name(), s.name());
+                    }
+                    assert!(
+                        record.holes().is_empty(),
+                        "{} <- {} ({:?} path): lost {:?}",
+                        r.name(),
+                        s.name(),
+                        record.path,
+                        record.holes()
+                    );
+                    let source = if record.kind == RtpCodecKind::Video {
+                        s.peer.video().unwrap()
+                    } else {
+                        s.peer.audio().unwrap()
+                    };
+                    assert!(
+                        record
+                            .packets
+                            .iter()
+                            .all(|p| p.payload_type == source.payload_type
+                                && p.payload_len == PAYLOAD_LEN
+                                && p.ssrc == record.packets[0].ssrc),
+                        "{} <- {} ({:?} path): payload type, size or SSRC changed in transit",
+                        r.name(),
+                        s.name(),
+                        record.path
+                    );
+                    if record.path == Path::Server {
+                        assert_eq!(
+                            record.member.as_deref(),
+                            Some(s.id.as_str()),
+                            "{}: server track {} has msid stream {:?}, carries {}'s packets",
+                            r.name(),
+                            record.track_id,
+                            record.stream_id,
+                            s.name()
+                        );
+                    }
+                }
+                figures.pairs += 1;
+                figures.rendered += window.len();
+                figures.via_server += stream.server.packets;
+                figures.late += stream.late;
+            }
+        }
+    }
+    figures
+}
+
+/// How one server offer departs from "The server leg" in its transport
+/// rules: ICE-lite, the server's host candidates, and `a=end-of-candidates`
+/// (the server does not trickle). Empty if it follows them.
+fn offer_transport_problems(sdp: &str) -> Vec<String> {
+    let s = summarize_sdp(sdp);
+    let mut problems = Vec::new();
+    if !s.ice_lite {
+        problems.push("no a=ice-lite".to_owned());
+    }
+    if s.candidates.is_empty() {
+        problems.push("no a=candidate".to_owned());
+    }
+    if let Some(c) = s.candidates.iter().find(|c| !c.contains(" typ host")) {
+        problems.push(format!("a non-host candidate: {c}"));
+    }
+    if !s.end_of_candidates {
+        problems.push("no a=end-of-candidates".to_owned());
+    }
+    problems
+}
+
+/// The server's last offer to `m` has the media sections "The server leg"
+/// prescribes: the publish slots first (recvonly), then one sendonly audio
+/// and one sendonly video section per other member with msid = its id,
+/// `inactive` for members who left; Opus 111 and VP8 96. (The transport
+/// rules of every offer are checked by
+/// `sfu_every_server_offer_is_ice_lite_with_host_candidates_and_end_of_candidates`.)
+fn check_server_offer(m: &Member, present: &[&Member], left: &[&str]) {
+    let log = m.sig().log();
+    let (_, sdp) = log
+        .server_offers
+        .last()
+        .unwrap_or_else(|| panic!("{}: no offer from sfu", m.name()));
+    let s = summarize_sdp(sdp);
+    let ctx = || format!("{}'s server offer:\n{sdp}", m.name());
+    assert!(s.ice_lite, "not ICE-lite; {}", ctx());
+    assert!(
+        !s.candidates.is_empty() && s.candidates.iter().all(|c| c.contains(" typ host")),
+        "host candidates only; {}",
+        ctx()
+    );
+    for (i, section) in s.sections.iter().enumerate() {
+        let want = match section.kind.as_str() {
+            "audio" => (111, "opus"),
+            "video" => (96, "VP8"),
+            other => panic!("unexpected m={other}; {}", ctx()),
+        };
+        if section.direction != "inactive" {
+            assert!(
+                section
+                    .rtpmaps
+                    .iter()
+                    .any(|(pt, name)| *pt == want.0 && name.eq_ignore_ascii_case(want.1)),
+                "section {i} lacks {}/{}; {}",
+                want.1,
+                want.0,
+                ctx()
+            );
+        }
+    }
+    let first_audio = s.sections.iter().position(|x| x.kind == "audio");
+    let first_video = s.sections.iter().position(|x| x.kind == "video");
+    let (Some(fa), Some(fv)) = (first_audio, first_video) else {
+        panic!("no audio or no video section; {}", ctx());
+    };
+    assert!(
+        fa < 2 && fv < 2,
+        "publish slots are not the first two; {}",
+        ctx()
+    );
+    assert_eq!(s.sections[fa].direction, "recvonly", "{}", ctx());
+    assert_eq!(s.sections[fv].direction, "recvonly", "{}", ctx());
+    let rest = &s.sections[2..];
+    for other in present.iter().filter(|o| o.id != m.id) {
+        for kind in ["audio", "video"] {
+            let n = rest
+                .iter()
+                .filter(|x| {
+                    x.kind == kind
+                        && x.msid_stream.as_deref() == Some(other.id.as_str())
+                        && x.direction == "sendonly"
+                })
+                .count();
+            assert_eq!(
+                n,
+                1,
+                "{kind} sections (sendonly, msid {}) for {}; {}",
+                other.id,
+                other.name(),
+                ctx()
+            );
+        }
+    }
+    for id in left {
+        for x in rest
+            .iter()
+            .filter(|x| x.msid_stream.as_deref() == Some(*id))
+        {
+            assert!(
+                x.direction == "inactive" || x.port == 0,
+                "a section of {id}, who left, is {}; {}",
+                x.direction,
+                ctx()
+            );
+        }
+    }
+    let active = rest
+        .iter()
+        .filter(|x| x.direction != "inactive" && x.port != 0)
+        .count();
+    assert_eq!(
+        active,
+        2 * (present.len() - 1),
+        "active subscriber sections; {}",
+        ctx()
+    );
+}
+
+/// `at - since` in milliseconds, negative if earlier.
+fn offset_ms(at: Instant, since: Instant) -> f64 {
+    match at.checked_duration_since(since) {
+        Some(d) => d.as_secs_f64() * 1e3,
+        None => -(since - at).as_secs_f64() * 1e3,
+    }
+}
+
+/// Forwarded packets and keyframe requests the server counted.
+fn server_counters(server: &TestServer) -> (Option<f64>, Option<f64>) {
+    let text = server.metrics.render();
+    (
+        metric_value(&text, "confab_forwarded_packets_total"),
+        metric_value(&text, "confab_pli_total"),
+    )
+}
+
+async fn finish(members: Vec<Member>, server: TestServer) {
+    for mut m in members {
+        m.stop_streaming().await;
+        if let Some(sig) = m.sig.take() {
+            sig.stop().await;
+        }
+        m.peer.close().await;
+    }
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// Every member receives every other member through the server
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sfu_three_members_receive_every_stream_through_the_server() {
+    let _serial = media_test_lock().await;
+    tokio::time::timeout(Duration::from_secs(60), mesh(3, true))
+        .await
+        .expect("the 3-member SFU scenario did not finish within 60 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sfu_five_members_receive_every_stream_through_the_server() {
+    let _serial = media_test_lock().await;
+    tokio::time::timeout(Duration::from_secs(60), mesh(5, false))
+        .await
+        .expect("the 5-member SFU scenario did not finish within 60 s");
+}
+
+/// `n` members join one room (the first two start peer-to-peer and move to
+/// the server when the third arrives), then stream for [`MEASURE`]; with
+/// `audio`, each also sends Opus.
+async fn mesh(n: usize, audio: bool) {
+    let server = start_server_with(config()).await;
+    let room = room_name("sfu-mesh");
+    let since = Instant::now();
+    let mut members = Vec::new();
+    for i in 0..n {
+        let mut cfg = PeerConfig::video(&format!("m{i}"));
+        if audio {
+            cfg = cfg.with_audio();
+        }
+        members.push(join_member(&server, &room, cfg).await);
+    }
+    let all: Vec<&Member> = members.iter().collect();
+    wait_all_mode(&all, "sfu", since).await;
+    for m in &all {
+        if let Err(e) = m.peer.server_leg().wait_connected(SETTLE).await {
+            panic!("{}: {e}\n{}", m.name(), history(&all, since));
+        }
+    }
+    wait_all_rendering_via_server(&all, since).await;
+    let measured_from = next_counters(&all);
+    let measure_start = Instant::now();
+    tokio::time::sleep(MEASURE).await;
+    for m in members.iter_mut() {
+        m.stop_streaming().await;
+    }
+    tokio::time::sleep(DRAIN).await;
+    let all: Vec<&Member> = members.iter().collect();
+
+    let figures = check_pairs(&all, &measured_from, since);
+    for (i, m) in all.iter().enumerate() {
+        let log = m.sig().log();
+        assert!(log.errors.is_empty(), "{}: {:?}", m.name(), log.errors);
+        assert_eq!(
+            log.server_answers_sent,
+            log.server_offers.len(),
+            "{}: every server offer answered",
+            m.name()
+        );
+        assert!(
+            log.server_leg_at(&m.id, "connected").is_some(),
+            "{}: no server_leg connected for itself: {:?}",
+            m.name(),
+            log.server_legs
+        );
+        for later in &all[i + 1..] {
+            assert!(
+                log.server_leg_at(&later.id, "connected").is_some(),
+                "{}: no server_leg connected for {}: {:?}",
+                m.name(),
+                later.name(),
+                log.server_legs
+            );
+        }
+        assert_eq!(
+            log.server_candidates_received, 0,
+            "the server does not trickle"
+        );
+        check_server_offer(m, &all, &[]);
+        for sent in &m.sent {
+            assert!(sent.errors.is_empty(), "{}: {:?}", m.name(), sent.errors);
+        }
+    }
+    // The first pair reported the server path before the room entered sfu.
+    for m in &all[..2] {
+        let log = m.sig().log();
+        let to_sfu = log
+            .first_mode("to_sfu")
+            .unwrap_or_else(|| panic!("{}: no to_sfu: {:?}", m.name(), log.mode_names()));
+        assert!(
+            log.media_ready_sent.iter().any(|(e, _)| *e == to_sfu.epoch),
+            "{}: no media_ready for epoch {}",
+            m.name(),
+            to_sfu.epoch
+        );
+        assert_eq!(log.mode_names(), ["p2p", "to_sfu", "sfu"], "{}", m.name());
+    }
+
+    let (forwarded, plis) = server_counters(&server);
+    println!(
+        "sfu mesh of {n} ({}): {} (receiver, sender) streams, each gapless over its whole \
+         history; {} packets of {PAYLOAD_LEN} bytes rendered in the {:?} window ({:.0} packets/s \
+         per stream, target {:.0}), 0 lost, \
+         0 reordered, 0 malformed; {} packets arrived via the server in all ({} duplicates \
+         across the p2p->sfu splice); server legs connected {:?} after each join; \
+         server offers per member {:?}; confab_forwarded_packets_total {:?}, confab_pli_total {:?}",
+        if audio { "VP8 + Opus" } else { "VP8" },
+        figures.pairs,
+        figures.rendered,
+        measure_start.elapsed() - DRAIN,
+        figures.rendered as f64
+            / figures.pairs as f64
+            / (measure_start.elapsed() - DRAIN).as_secs_f64(),
+        1.0 / INTERVAL.as_secs_f64(),
+        figures.via_server,
+        figures.late,
+        all.iter()
+            .map(|m| m.peer.server_leg().connected_at().unwrap() - m.joined_at)
+            .collect::<Vec<_>>(),
+        all.iter()
+            .map(|m| m.sig().log().server_offers.len())
+            .collect::<Vec<_>>(),
+        forwarded,
+        plis,
+    );
+    finish(members, server).await;
+}
+
+// ---------------------------------------------------------------------------
+// The transport rules of every server offer
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sfu_every_server_offer_is_ice_lite_with_host_candidates_and_end_of_candidates() {
+    let _serial = media_test_lock().await;
+    tokio::time::timeout(Duration::from_secs(60), every_offer())
+        .await
+        .expect("the server-offer scenario did not finish within 60 s");
+}
+
+/// Three members join and one leaves, so every member gets a first offer
+/// and re-offers for joins and a leave; each one must be ICE-lite with the
+/// server's host candidates and `a=end-of-candidates` ("The server leg", 1).
+async fn every_offer() {
+    let server = start_server_with(config()).await;
+    let room = room_name("sfu-offers");
+    let since = Instant::now();
+    let mut members = Vec::new();
+    for name in ["a", "b", "c"] {
+        members.push(join_member(&server, &room, PeerConfig::video(name)).await);
+    }
+    wait_all_mode(&members.iter().collect::<Vec<_>>(), "sfu", since).await;
+    let mut c = members.pop().unwrap();
+    c.stop_streaming().await;
+    let offers_before: Vec<usize> = members
+        .iter()
+        .map(|m| m.sig().log().server_offers.len())
+        .collect();
+    c.sig().leave();
+    for (m, before) in members.iter().zip(&offers_before) {
+        m.sig()
+            .wait_log(STEP, |l| l.server_offers.len() > *before)
+            .await
+            .unwrap_or_else(|_| panic!("{}: no re-offer after c left", m.name()));
+    }
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for m in members.iter().chain([&c]) {
+        for (i, (_, sdp)) in m.sig().log().server_offers.iter().enumerate() {
+            checked += 1;
+            let p = offer_transport_problems(sdp);
+            if !p.is_empty() {
+                problems.push(format!(
+                    "{}'s offer #{} ({} m-lines): {}",
+                    m.name(),
+                    i + 1,
+                    summarize_sdp(sdp).sections.len(),
+                    p.join(", ")
+                ));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{} of {checked} server offers break the transport rules of \"The server leg\":\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+    println!("server offers: {checked} checked (first offers and re-offers), all ICE-lite with host candidates and a=end-of-candidates");
+    if let Some(sig) = c.sig.take() {
+        sig.stop().await;
+    }
+    c.peer.close().await;
+    finish(members, server).await;
+}
+
+// ---------------------------------------------------------------------------
+// A late joiner and keyframe requests
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sfu_late_joiner_gets_every_stream_after_a_keyframe_request() {
+    let _serial = media_test_lock().await;
+    tokio::time::timeout(Duration::from_secs(60), late_joiner())
+        .await
+        .expect("the late-joiner scenario did not finish within 60 s");
+}
+
+/// Three members stream with key frames only on request (as encoders do);
+/// a fourth joins. The server must ask every publisher for a key frame
+/// within 1 s of the newcomer's server leg connecting, the newcomer must
+/// start every stream on that key frame, and nobody else's streams may
+/// notice the renegotiation.
+async fn late_joiner() {
+    let server = start_server_with(config()).await;
+    let room = room_name("sfu-late");
+    let since = Instant::now();
+    let mut members = Vec::new();
+    for name in ["a", "b", "c"] {
+        members.push(
+            join_member(
+                &server,
+                &room,
+                PeerConfig::video(name).keyframes_on_request(),
+            )
+            .await,
+        );
+    }
+    {
+        let all: Vec<&Member> = members.iter().collect();
+        wait_all_mode(&all, "sfu", since).await;
+        wait_all_rendering_via_server(&all, since).await;
+    }
+    let before_join = next_counters(&members.iter().collect::<Vec<_>>());
+
+    let join_at = Instant::now();
+    members.push(
+        join_member(
+            &server,
+            &room,
+            PeerConfig::video("d").keyframes_on_request(),
+        )
+        .await,
+    );
+    let d = &members[3];
+    if let Err(e) = d.peer.server_leg().wait_connected(SETTLE).await {
+        panic!(
+            "{e}\n{}",
+            history(&members.iter().collect::<Vec<_>>(), since)
+        );
+    }
+    let d_connected = d.peer.server_leg().connected_at().unwrap();
+    let all: Vec<&Member> = members.iter().collect();
+    wait_all_rendering_via_server(&all, since).await;
+    let everyone_at_d = Instant::now();
+    let measured_from = next_counters(&all);
+    tokio::time::sleep(MEASURE).await;
+    for m in members.iter_mut() {
+        m.stop_streaming().await;
+    }
+    tokio::time::sleep(DRAIN).await;
+    let all: Vec<&Member> = members.iter().collect();
+    let d = all[3];
+
+    // Keyframe requests: every earlier publisher, on its server-leg video
+    // track, naming that track's SSRC, within 1 s of d's leg connecting.
+    let mut latencies = Vec::new();
+    for p in &all[..3] {
+        let track_ssrc = p.peer.server_leg().video.as_ref().unwrap().ssrc;
+        let requests = p.peer.keyframe_requests();
+        let first = requests
+            .iter()
+            .find(|r| r.at >= join_at && r.path == Path::Server)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{}: no keyframe request after d joined; all requests: {:?}\n{}",
+                    p.name(),
+                    requests,
+                    history(&all, since)
+                )
+            });
+        assert_eq!(first.media_ssrc, track_ssrc, "{}: {first:?}", p.name());
+        let latency = first.at.checked_duration_since(d_connected);
+        let early = d_connected.checked_duration_since(first.at);
+        assert!(
+            first.at <= d_connected + Duration::from_secs(1),
+            "{}: first keyframe request {:?} after d's server leg connected",
+            p.name(),
+            latency
+        );
+        latencies.push(match (latency, early) {
+            (Some(l), _) => format!("+{l:?}"),
+            (None, Some(e)) => format!("-{e:?}"),
+            _ => "0".into(),
+        });
+    }
+
+    // d starts every stream on a key frame; the others' streams did not
+    // notice d's arrival (their whole history is gapless).
+    for s in &all[..3] {
+        for record in d.peer.records_of(s.video_tag(), Path::Server) {
+            assert!(
+                record.packets[0].keyframe,
+                "d's first packet of {} (counter {}) is not a key frame",
+                s.name(),
+                record.packets[0].counter
+            );
+        }
+    }
+    // The earlier members: covered from before d joined; d's stream and the
+    // streams at d: from the measurement start.
+    let early: Vec<&Member> = all[..3].to_vec();
+    let figures_early = check_pairs(&early, &before_join, since);
+    let figures_all = check_pairs(&all, &measured_from, since);
+    for m in &all {
+        let log = m.sig().log();
+        assert!(log.errors.is_empty(), "{}: {:?}", m.name(), log.errors);
+        check_server_offer(m, &all, &[]);
+    }
+    let server_says = d
+        .sig()
+        .log()
+        .server_leg_at(&d.id, "connected")
+        .map(|at| offset_ms(at, d_connected));
+    let (forwarded, plis) = server_counters(&server);
+    println!(
+        "sfu late joiner: d's server leg connected {:?} after its join (the server's \
+         server_leg connected arrived {server_says:+.1?} ms after that); it rendered all 3 \
+         streams via the server {:?} after connecting; keyframe requests to a, b, c at {:?} \
+         relative to d's leg connecting (limit +1 s); a/b/c streams among themselves gapless \
+         across d's join ({} packets rendered), all 12 streams gapless over the final {:?} \
+         ({} packets); confab_forwarded_packets_total {:?}, confab_pli_total {:?}",
+        d_connected - join_at,
+        everyone_at_d.saturating_duration_since(d_connected),
+        latencies,
+        figures_early.rendered,
+        MEASURE,
+        figures_all.rendered,
+        forwarded,
+        plis,
+    );
+    finish(members, server).await;
+}
+
+// ---------------------------------------------------------------------------
+// A member that crashes
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sfu_killed_member_leaves_and_the_rest_continue_without_loss() {
+    let _serial = media_test_lock().await;
+    tokio::time::timeout(Duration::from_secs(60), killed_member())
+        .await
+        .expect("the killed-member scenario did not finish within 60 s");
+}
+
+/// Four members stream through the server; one disappears without `leave`
+/// (socket and peer connections dropped). The others must hear
+/// `participant_left` within 1 s, get a renegotiation that retires its
+/// sections, and keep receiving each other without a single lost packet.
+async fn killed_member() {
+    let server = start_server_with(config()).await;
+    let room = room_name("sfu-kill");
+    let since = Instant::now();
+    let mut members = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        members.push(join_member(&server, &room, PeerConfig::video(name)).await);
+    }
+    {
+        let all: Vec<&Member> = members.iter().collect();
+        wait_all_mode(&all, "sfu", since).await;
+        wait_all_rendering_via_server(&all, since).await;
+    }
+    let survivors_from = next_counters(&members[..3].iter().collect::<Vec<_>>());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Kill d: the socket goes without a close frame, the peer connections
+    // close, nothing is said.
+    let mut d = members.pop().unwrap();
+    let d_id = d.id.clone();
+    let offers_before: Vec<usize> = members
+        .iter()
+        .map(|m| m.sig().log().server_offers.len())
+        .collect();
+    let kill_at = Instant::now();
+    if let Some(streamer) = d.streamer.take() {
+        drop(streamer);
+    }
+    d.sig.take().unwrap().kill().await;
+    d.peer.close().await;
+
+    let mut left_after = Vec::new();
+    for m in &members {
+        let log = m
+            .sig()
+            .wait_log(STEP, |l| {
+                l.participants_left.iter().any(|(id, _, _)| *id == d_id)
+            })
+            .await
+            .unwrap_or_else(|l| {
+                panic!(
+                    "{}: no participant_left for d: {:?}",
+                    m.name(),
+                    l.participants_left
+                )
+            });
+        let (_, reason, at) = log
+            .participants_left
+            .iter()
+            .find(|(id, _, _)| *id == d_id)
+            .unwrap()
+            .clone();
+        let after = at - kill_at;
+        assert!(
+            after <= Duration::from_secs(1),
+            "{}: participant_left {after:?} after the kill",
+            m.name()
+        );
+        assert_eq!(
+            reason,
+            "disconnected",
+            "{}: a socket dropped without a close frame is `disconnected`",
+            m.name()
+        );
+        left_after.push(after);
+    }
+    // The server retires d's sections with a new offer to each survivor.
+    for (m, before) in members.iter().zip(&offers_before) {
+        m.sig()
+            .wait_log(STEP, |l| {
+                l.server_offers.len() > *before && l.server_answers_sent == l.server_offers.len()
+            })
+            .await
+            .unwrap_or_else(|l| {
+                panic!(
+                    "{}: no new server offer after d left ({} offers, {} answers)",
+                    m.name(),
+                    l.server_offers.len(),
+                    l.server_answers_sent
+                )
+            });
+    }
+
+    tokio::time::sleep(MEASURE).await;
+    for m in members.iter_mut() {
+        m.stop_streaming().await;
+    }
+    tokio::time::sleep(DRAIN).await;
+    let survivors: Vec<&Member> = members.iter().collect();
+    let figures = check_pairs(&survivors, &survivors_from, since);
+    for m in &survivors {
+        let log = m.sig().log();
+        assert!(log.errors.is_empty(), "{}: {:?}", m.name(), log.errors);
+        check_server_offer(m, &survivors, &[d_id.as_str()]);
+        assert_eq!(log.mode.as_deref(), Some("sfu"), "{}", m.name());
+        // Nothing of d arrived after it was gone for a moment.
+        if let Some(stream) = m.peer.stream(d.video_tag()) {
+            let last = stream.server.last.map(|(_, at)| at);
+            assert!(
+                last.is_none_or(|at| at <= kill_at + Duration::from_millis(200)),
+                "{}: d's packets still arrived {:?} after the kill",
+                m.name(),
+                last.map(|at| at - kill_at)
+            );
+        }
+    }
+    let (forwarded, plis) = server_counters(&server);
+    println!(
+        "sfu killed member: participant_left(d, disconnected) at a, b, c {:?} after the kill; \
+         new offers retired d's sections; the 6 surviving streams gapless from before the \
+         kill to the end ({} packets rendered, 0 lost); confab_forwarded_packets_total {:?}, \
+         confab_pli_total {:?}",
+        left_after, figures.rendered, forwarded, plis
+    );
+    finish(members, server).await;
+}
+
+// ---------------------------------------------------------------------------
+// 2 -> 3 -> 2: peer-to-peer, the server, and back
+// ---------------------------------------------------------------------------
+
+/// A short return delay so the test does not wait 5 s.
+const RETURN_DELAY: Duration = Duration::from_secs(1);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sfu_switch_two_three_two_is_seamless() {
+    let _serial = media_test_lock().await;
+    tokio::time::timeout(Duration::from_secs(60), switch_two_three_two())
+        .await
+        .expect("the 2-3-2 switch scenario did not finish within 60 s");
+}
+
+/// A and B talk peer-to-peer; C joins (to_sfu, then sfu); C leaves; after
+/// the return delay A and B go back to peer-to-peer (to_p2p, then p2p).
+/// Every stream is rendered gapless across both switches.
+async fn switch_two_three_two() {
+    let mut cfg = config();
+    cfg.mode_policy.p2p_return_delay = RETURN_DELAY;
+    let server = start_server_with(cfg).await;
+    let room = room_name("sfu-switch");
+    let since = Instant::now();
+    let mut members = vec![
+        join_member(&server, &room, PeerConfig::video("a")).await,
+        join_member(&server, &room, PeerConfig::video("b")).await,
+    ];
+
+    // Phase 1: p2p. Direct legs up, each renders the other directly, and
+    // nothing comes through the server.
+    for m in &members {
+        if let Err(e) = m.peer.wait_direct_connected(SETTLE).await {
+            panic!(
+                "{e}\n{}",
+                history(&members.iter().collect::<Vec<_>>(), since)
+            );
+        }
+    }
+    let (a, b) = (&members[0], &members[1]);
+    for (r, s) in [(a, b), (b, a)] {
+        if let Err(e) = r
+            .peer
+            .wait_rendering(&[s.video_tag()], Path::Direct, SETTLE)
+            .await
+        {
+            panic!("{e}\n{}", history(&[a, b], since));
+        }
+    }
+    let p2p_from = next_counters(&[a, b]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (r, s) in [(a, b), (b, a)] {
+        let stream = r.peer.stream(s.video_tag()).unwrap();
+        assert_eq!(
+            stream.server.packets,
+            0,
+            "{}: server path carried media in p2p",
+            r.name()
+        );
+        assert_eq!(
+            r.peer.server_leg().state(),
+            RTCPeerConnectionState::Connected,
+            "{}: the server leg stays warm in p2p",
+            r.name()
+        );
+    }
+    let p2p_epoch = a.peer.mode().epoch;
+
+    // Phase 2: c joins; a and b move to the server make-before-break.
+    let c_join_at = Instant::now();
+    members.push(join_member(&server, &room, PeerConfig::video("c")).await);
+    let all: Vec<&Member> = members.iter().collect();
+    wait_all_mode(&all, "sfu", since).await;
+    wait_all_rendering_via_server(&all, since).await;
+    let (a, b, c) = (all[0], all[1], all[2]);
+    for m in [a, b] {
+        let log = m.sig().log();
+        let to_sfu = log.first_mode("to_sfu").expect("to_sfu");
+        let sfu = log.first_mode("sfu").expect("sfu");
+        assert!(to_sfu.epoch > p2p_epoch && sfu.epoch > to_sfu.epoch);
+        assert!(
+            log.media_ready_sent.iter().any(|(e, _)| *e == to_sfu.epoch),
+            "{}: no media_ready({})",
+            m.name(),
+            to_sfu.epoch
+        );
+        // Completed by the reports, not by the 8 s deadline.
+        assert!(
+            sfu.at - to_sfu.at < Duration::from_secs(4),
+            "{}: to_sfu lasted {:?}",
+            m.name(),
+            sfu.at - to_sfu.at
+        );
+        assert!(
+            m.peer.direct_leg().is_none(),
+            "{}: direct leg kept in sfu",
+            m.name()
+        );
+    }
+    let to_sfu_took = b.sig().log().first_mode("sfu").unwrap().at
+        - b.sig().log().first_mode("to_sfu").unwrap().at;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Phase 3: c leaves; after the return delay a and b go back to p2p.
+    let c_from = next_counters(&[a, b, c]);
+    let mut c = members.pop().unwrap();
+    let c_id = c.id.clone();
+    c.stop_streaming().await;
+    c.sig().leave();
+    let all: Vec<&Member> = members.iter().collect();
+    let (a, b) = (all[0], all[1]);
+    for m in [a, b] {
+        if let Err(e) = m
+            .peer
+            .wait_mode("p2p", p2p_epoch, RETURN_DELAY + SETTLE)
+            .await
+        {
+            panic!(
+                "{e}\nmodes {:?}\n{}",
+                m.sig().log().mode_names(),
+                history(&[a, b, &c], since)
+            );
+        }
+    }
+    for (r, s) in [(a, b), (b, a)] {
+        if let Err(e) = r
+            .peer
+            .wait_rendering(&[s.video_tag()], Path::Direct, SETTLE)
+            .await
+        {
+            panic!("{e}\n{}", history(&[a, b], since));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for m in members.iter_mut() {
+        m.stop_streaming().await;
+    }
+    tokio::time::sleep(DRAIN).await;
+    let all: Vec<&Member> = members.iter().collect();
+    let (a, b) = (all[0], all[1]);
+
+    // Continuity at each receiver across both switches, from the first
+    // rendered packet to the sender's last, and the render paths taken.
+    let mut switch_times = Vec::new();
+    for (r, s) in [(a, b), (b, a)] {
+        let stream = r.peer.stream(s.video_tag()).unwrap();
+        if let Err(e) = stream.check_continuous(p2p_from[&s.video_tag()]..s.end_of(s.video_tag())) {
+            panic!(
+                "{} <- {}: {e}\n{}",
+                r.name(),
+                s.name(),
+                history(&[a, b, &c], since)
+            );
+        }
+        let paths: Vec<(Path, Path, bool)> = stream
+            .switches
+            .iter()
+            .map(|x| (x.from, x.to, x.forced))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                (Path::Direct, Path::Server, false),
+                (Path::Server, Path::Direct, false)
+            ],
+            "{}: render switches for {}",
+            r.name(),
+            s.name()
+        );
+        assert_eq!(stream.render, Some(Path::Direct));
+        for record in r
+            .peer
+            .received()
+            .iter()
+            .filter(|t| t.packets.first().is_some_and(|p| p.tag == s.video_tag()))
+        {
+            record
+                .check_clean(s.video_tag())
+                .unwrap_or_else(|e| panic!("{}: {e}", r.name()));
+            assert!(
+                record.holes().is_empty(),
+                "{} ({:?}): lost {:?}",
+                r.name(),
+                record.path,
+                record.holes()
+            );
+        }
+        // Back in p2p the sender stopped using its server leg.
+        let s_log = s.sig().log();
+        let p2p_again = s_log
+            .modes
+            .iter()
+            .rev()
+            .find(|m| m.mode == "p2p")
+            .unwrap()
+            .at;
+        let late_server = s
+            .peer
+            .video()
+            .unwrap()
+            .sent()
+            .iter()
+            .filter(|x| x.server && x.at > p2p_again)
+            .count();
+        assert_eq!(
+            late_server,
+            0,
+            "{}: sent on the server leg in p2p",
+            s.name()
+        );
+        let r_log = r.sig().log();
+        assert_eq!(
+            r_log.mode_names(),
+            ["p2p", "to_sfu", "sfu", "to_p2p", "p2p"],
+            "{}: modes",
+            r.name()
+        );
+        let to_p2p = r_log.modes.iter().find(|m| m.mode == "to_p2p").unwrap();
+        assert!(
+            r_log
+                .media_ready_sent
+                .iter()
+                .any(|(e, _)| *e == to_p2p.epoch),
+            "{}: no media_ready({})",
+            r.name(),
+            to_p2p.epoch
+        );
+        let left_at = r_log
+            .participants_left
+            .iter()
+            .find(|(id, _, _)| *id == c_id)
+            .map(|(_, _, at)| *at)
+            .expect("participant_left(c)");
+        assert!(
+            to_p2p.at - left_at >= RETURN_DELAY - Duration::from_millis(50),
+            "{}: to_p2p {:?} after c left, before the return delay",
+            r.name(),
+            to_p2p.at - left_at
+        );
+        let p2p_at = r_log
+            .modes
+            .iter()
+            .rev()
+            .find(|m| m.mode == "p2p")
+            .unwrap()
+            .at;
+        switch_times.push((to_p2p.at - left_at, p2p_at - to_p2p.at));
+        assert!(r_log.errors.is_empty(), "{}: {:?}", r.name(), r_log.errors);
+    }
+    // c rendered a and b gapless while it was there, and they rendered c.
+    for s in [a, b] {
+        let stream = c.peer.stream(s.video_tag()).unwrap();
+        assert!(
+            stream.gaps.is_empty(),
+            "c <- {}: {:?}",
+            s.name(),
+            stream.gaps
+        );
+        assert!(stream.last_rendered().unwrap() + 1 >= c_from[&s.video_tag()]);
+        let of_c = s.peer.stream(c.video_tag()).unwrap();
+        assert!(of_c.gaps.is_empty(), "{} <- c: {:?}", s.name(), of_c.gaps);
+        assert!(of_c.last_rendered().unwrap() + 1 >= c_from[&c.video_tag()]);
+    }
+    let pair_a = a
+        .peer
+        .direct_leg()
+        .unwrap()
+        .selected_pair()
+        .await
+        .unwrap()
+        .unwrap();
+    let pair_b = b
+        .peer
+        .direct_leg()
+        .unwrap()
+        .selected_pair()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pair_a.remote, pair_b.local, "direct again");
+
+    let stream_at_a = a.peer.stream(b.video_tag()).unwrap();
+    println!(
+        "sfu switch 2->3->2: c joined {:?} after a; to_sfu -> sfu in {to_sfu_took:?}; after c \
+         left: to_p2p after {:?} (return delay {RETURN_DELAY:?}), p2p {:?} later (a, b); \
+         at a, b's stream: {} packets rendered gapless ({} direct, {} via server, {} duplicates \
+         skipped at the splices), switches {:?}; direct pair again {} <-> {}",
+        c_join_at - a.joined_at,
+        switch_times.iter().map(|t| t.0).collect::<Vec<_>>(),
+        switch_times.iter().map(|t| t.1).collect::<Vec<_>>(),
+        stream_at_a.rendered.len(),
+        stream_at_a.rendered_from(Path::Direct),
+        stream_at_a.rendered_from(Path::Server),
+        stream_at_a.late,
+        stream_at_a
+            .switches
+            .iter()
+            .map(|x| format!("{:?}->{:?} at counter {:?}", x.from, x.to, x.next_counter))
+            .collect::<Vec<_>>(),
+        pair_a.local,
+        pair_a.remote,
+    );
+    if let Some(sig) = c.sig.take() {
+        sig.stop().await;
+    }
+    c.peer.close().await;
+    finish(members, server).await;
+}
+
+// ---------------------------------------------------------------------------
+// NACK: loss between the server and one subscriber
+// ---------------------------------------------------------------------------
+
+/// Fraction of the server's video packets the relay drops towards `c`.
+const LOSS: f64 = 0.05;
+/// Fixes which packets are dropped.
+const SEED: u64 = 0x0c0f_fab5;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sfu_nack_recovers_every_packet_lost_towards_a_subscriber() {
+    let _serial = media_test_lock().await;
+    tokio::time::timeout(Duration::from_secs(60), nack_recovery())
+        .await
+        .expect("the NACK scenario did not finish within 60 s");
+}
+
+/// `c`'s server leg runs through a relay that drops 5 % of the server's
+/// video packets towards `c` (seeded, each packet once). `c`'s NACKs must
+/// get every one of them retransmitted by the server, and the other
+/// members must not notice.
+async fn nack_recovery() {
+    let server = start_server_with(config()).await;
+    let proxy = LossyProxy::start(server.media_addr, LOSS, SEED, VIDEO_PAYLOAD_TYPE).await;
+    let room = room_name("sfu-nack");
+    let since = Instant::now();
+    let mut members = vec![
+        join_member(&server, &room, PeerConfig::video("a")).await,
+        join_member(&server, &room, PeerConfig::video("b")).await,
+        join_member(
+            &server,
+            &room,
+            PeerConfig::video("c").server_media_via(server.media_addr, proxy.addr),
+        )
+        .await,
+    ];
+    let all: Vec<&Member> = members.iter().collect();
+    wait_all_mode(&all, "sfu", since).await;
+    wait_all_rendering_via_server(&all, since).await;
+    let c = all[2];
+    let pair = c
+        .peer
+        .server_leg()
+        .selected_pair()
+        .await
+        .unwrap()
+        .expect("c's server leg has a selected pair");
+    assert_eq!(
+        pair.remote, proxy.addr,
+        "c's server leg runs through the relay"
+    );
+
+    let from = next_counters(&all);
+    proxy.arm(true);
+    tokio::time::sleep(MEASURE + Duration::from_secs(1)).await;
+    proxy.arm(false);
+    // The last drops' retransmissions.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for m in members.iter_mut() {
+        m.stop_streaming().await;
+    }
+    tokio::time::sleep(DRAIN).await;
+    let all: Vec<&Member> = members.iter().collect();
+    let (a, b, c) = (all[0], all[1], all[2]);
+    let stats = proxy.stats();
+    assert!(
+        stats.dropped.len() >= 5,
+        "the relay dropped only {} of {} packets",
+        stats.dropped.len(),
+        stats.rtp_armed
+    );
+
+    let mut recovery = Vec::new();
+    let mut duplicates = 0;
+    let mut late = 0;
+    for s in [a, b] {
+        let tag = s.video_tag();
+        let records = c.peer.records_of(tag, Path::Server);
+        assert_eq!(
+            records.len(),
+            1,
+            "c: {}'s video tracks via the server",
+            s.name()
+        );
+        let record = &records[0];
+        assert!(
+            record.malformed.is_empty(),
+            "c <- {}: {:?}",
+            s.name(),
+            record.malformed
+        );
+        assert_eq!(
+            record.tags(),
+            vec![tag],
+            "c <- {}: foreign packets",
+            s.name()
+        );
+        let window = from[&tag]..s.end_of(tag);
+        let got: std::collections::BTreeSet<u32> = record.counters().into_iter().collect();
+        let missing: Vec<u32> = window.clone().filter(|n| !got.contains(n)).collect();
+        let ssrc = record.packets[0].ssrc;
+        let dropped: Vec<_> = stats.dropped.iter().filter(|d| d.ssrc == ssrc).collect();
+        assert!(
+            missing.is_empty(),
+            "c <- {}: {} of {} counters never arrived: {:?}; the relay dropped sequence numbers {:?}",
+            s.name(),
+            missing.len(),
+            window.len(),
+            &missing[..missing.len().min(20)],
+            dropped.iter().map(|d| d.sequence).collect::<Vec<_>>()
+        );
+        assert!(
+            !dropped.is_empty(),
+            "c <- {}: nothing of this stream was dropped",
+            s.name()
+        );
+        for d in &dropped {
+            let again = record
+                .packets
+                .iter()
+                .find(|p| p.sequence_number == d.sequence && p.at >= d.at)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "c <- {}: sequence {} dropped, never retransmitted",
+                        s.name(),
+                        d.sequence
+                    )
+                });
+            recovery.push(again.at - d.at);
+        }
+        let counters = record.counters();
+        duplicates += counters.len() - got.len();
+        let mut highest = 0;
+        for (i, n) in counters.iter().enumerate() {
+            if i > 0 && *n < highest {
+                late += 1;
+            }
+            highest = highest.max(*n);
+        }
+    }
+    // Nobody else noticed: a and b receive each other and c without loss.
+    let figures = check_streams(&[a, b], &all, &from, since);
+    recovery.sort();
+    let (forwarded, plis) = server_counters(&server);
+    println!(
+        "sfu NACK: relay dropped {} of {} video packets towards c ({:.1} %, seed {SEED:#x}); \
+         all {} recovered by retransmission, {} arrived out of order, {} duplicates; recovery \
+         time min {:?} median {:?} max {:?}; a and b unaffected ({} packets rendered, gapless); \
+         confab_forwarded_packets_total {:?}, confab_pli_total {:?}",
+        stats.dropped.len(),
+        stats.rtp_armed,
+        100.0 * stats.dropped.len() as f64 / stats.rtp_armed.max(1) as f64,
+        recovery.len(),
+        late,
+        duplicates,
+        recovery.first().unwrap(),
+        recovery[recovery.len() / 2],
+        recovery.last().unwrap(),
+        figures.rendered,
+        forwarded,
+        plis,
+    );
+    drop(proxy);
+    finish(members, server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sfu_nack_recovers_every_packet_a_publisher_lost_towards_the_server() {
+    let _serial = media_test_lock().await;
+    tokio::time::timeout(Duration::from_secs(60), upstream_nack_recovery())
+        .await
+        .expect("the upstream NACK scenario did not finish within 60 s");
+}
+
+/// `c`'s server leg runs through a relay that drops 5 % of `c`'s video
+/// packets towards the server (seeded, each packet once). The server must
+/// NACK them from `c` and forward the retransmissions, so that `a` and `b`
+/// render `c`'s stream without a hole.
+async fn upstream_nack_recovery() {
+    let server = start_server_with(config()).await;
+    let proxy = LossyProxy::start_towards(
+        server.media_addr,
+        LOSS,
+        SEED,
+        VIDEO_PAYLOAD_TYPE,
+        Towards::Server,
+    )
+    .await;
+    let room = room_name("sfu-nack-up");
+    let since = Instant::now();
+    let mut members = vec![
+        join_member(&server, &room, PeerConfig::video("a")).await,
+        join_member(&server, &room, PeerConfig::video("b")).await,
+        join_member(
+            &server,
+            &room,
+            PeerConfig::video("c").server_media_via(server.media_addr, proxy.addr),
+        )
+        .await,
+    ];
+    let all: Vec<&Member> = members.iter().collect();
+    wait_all_mode(&all, "sfu", since).await;
+    wait_all_rendering_via_server(&all, since).await;
+    let from = next_counters(&all);
+    proxy.arm(true);
+    tokio::time::sleep(MEASURE + Duration::from_secs(1)).await;
+    proxy.arm(false);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for m in members.iter_mut() {
+        m.stop_streaming().await;
+    }
+    tokio::time::sleep(DRAIN).await;
+    let all: Vec<&Member> = members.iter().collect();
+    let (a, b, c) = (all[0], all[1], all[2]);
+    let stats = proxy.stats();
+    assert!(
+        stats.dropped.len() >= 5,
+        "the relay dropped only {} of {} packets",
+        stats.dropped.len(),
+        stats.rtp_armed
+    );
+    let tag = c.video_tag();
+    let window = from[&tag]..c.end_of(tag);
+    for r in [a, b] {
+        let records = r.peer.records_of(tag, Path::Server);
+        assert_eq!(records.len(), 1, "{}: c's video via the server", r.name());
+        let got: std::collections::BTreeSet<u32> = records[0].counters().into_iter().collect();
+        let missing: Vec<u32> = window.clone().filter(|n| !got.contains(n)).collect();
+        assert!(
+            missing.is_empty(),
+            "{} <- c: {} of {} counters never arrived: {:?}; the relay dropped {} packets \
+             on their way to the server",
+            r.name(),
+            missing.len(),
+            window.len(),
+            &missing[..missing.len().min(20)],
+            stats.dropped.len()
+        );
+    }
+    println!(
+        "sfu upstream NACK: relay dropped {} of {} of c's video packets towards the server \
+         ({:.1} %, seed {SEED:#x}); a and b both rendered all {} counters of the window",
+        stats.dropped.len(),
+        stats.rtp_armed,
+        100.0 * stats.dropped.len() as f64 / stats.rtp_armed.max(1) as f64,
+        window.len()
+    );
+    drop(proxy);
+    finish(members, server).await;
+}
+
+// ---------------------------------------------------------------------------
+// Hostile datagrams on the media port
+// ---------------------------------------------------------------------------
+
+/// A STUN Binding request naming `ufrag` (a live leg's), with a bogus
+/// MESSAGE-INTEGRITY: routed to that leg, whose ICE agent must refuse it.
+fn forged_binding(ufrag: &str, seed: u8) -> Vec<u8> {
+    let username = format!("{ufrag}:evil");
+    let padded = username.len().div_ceil(4) * 4;
+    let attrs_len = 4 + padded + 4 + 20;
+    let mut m = vec![0x00, 0x01];
+    m.extend_from_slice(&(attrs_len as u16).to_be_bytes());
+    m.extend_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+    m.extend_from_slice(&[seed; 12]);
+    m.extend_from_slice(&[0x00, 0x06]);
+    m.extend_from_slice(&(username.len() as u16).to_be_bytes());
+    m.extend_from_slice(username.as_bytes());
+    m.resize(m.len() + padded - username.len(), 0);
+    m.extend_from_slice(&[0x00, 0x08, 0x00, 0x14]);
+    m.extend_from_slice(&[seed; 20]);
+    m
+}
+
+/// Deterministic junk of `len` bytes whose first byte puts it in the RFC
+/// 7983 range of `first` (RTP/RTCP 128-191, STUN 0-3, DTLS 20-63).
+fn shaped_junk(first: u8, len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+    let mut v: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    if let Some(b) = v.first_mut() {
+        *b = first;
+    }
+    if first == 0x80 && len > 1 {
+        // Alternate RTCP packet types 200-207 with an RTP payload type.
+        v[1] = if len % 2 == 0 {
+            200 + (len % 8) as u8
+        } else {
+            96
+        };
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sfu_garbage_on_the_media_port_harms_nobody() {
+    let _serial = media_test_lock().await;
+    tokio::time::timeout(Duration::from_secs(60), garbage_on_the_media_port())
+        .await
+        .expect("the hostile-datagram scenario did not finish within 60 s");
+}
+
+/// Two members stream through the server while a third socket, never
+/// validated by ICE, sends every length from 0 to 1600 bytes shaped as
+/// RTP, RTCP, STUN and DTLS, plus STUN requests forged with a live leg's
+/// ufrag. Both streams must stay gapless and the junk must be counted.
+async fn garbage_on_the_media_port() {
+    let mut cfg = config();
+    cfg.mode_policy.never_p2p = true;
+    let server = start_server_with(cfg).await;
+    let room = room_name("sfu-hostile");
+    let since = Instant::now();
+    let mut members = vec![
+        join_member(&server, &room, PeerConfig::video("a")).await,
+        join_member(&server, &room, PeerConfig::video("b")).await,
+    ];
+    let all: Vec<&Member> = members.iter().collect();
+    wait_all_mode(&all, "sfu", since).await;
+    wait_all_rendering_via_server(&all, since).await;
+    let measured_from = next_counters(&all);
+    let victim_offer = all[0].sig().log().server_offers[0].1.clone();
+    let victim_ufrag = victim_offer
+        .lines()
+        .find_map(|l| l.strip_prefix("a=ice-ufrag:"))
+        .expect("the offer has an ufrag")
+        .trim()
+        .to_owned();
+
+    let attacker = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut sent = 0u32;
+    for len in 0..=1600usize {
+        for first in [0x80u8, 0x00, 0x16, 0xff] {
+            if attacker
+                .send_to(&shaped_junk(first, len, sent), server.media_addr)
+                .await
+                .is_ok()
+            {
+                sent += 1;
+            }
+        }
+        if len % 8 == 0 {
+            let forged = forged_binding(&victim_ufrag, len as u8);
+            if attacker.send_to(&forged, server.media_addr).await.is_ok() {
+                sent += 1;
+            }
+        }
+        if len % 64 == 0 {
+            // Spread the burst over the measured window.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    tokio::time::sleep(MEASURE).await;
+    for m in members.iter_mut() {
+        m.stop_streaming().await;
+    }
+    tokio::time::sleep(DRAIN).await;
+    let all: Vec<&Member> = members.iter().collect();
+    let figures = check_pairs(&all, &measured_from, since);
+    for m in &all {
+        assert_eq!(
+            m.peer.server_leg().state(),
+            RTCPeerConnectionState::Connected,
+            "{}: the server leg survived",
+            m.name()
+        );
+    }
+    let dropped = |reason: &str| {
+        server
+            .metrics
+            .media_dropped
+            .with_label_values(&[reason])
+            .get()
+    };
+    println!(
+        "hostile datagrams: {sent} sent; dropped as unroutable {}, oversize {}, rejected by a \
+         leg {}; {} packets rendered gapless across both streams meanwhile",
+        dropped("unroutable"),
+        dropped("oversize"),
+        dropped("rejected"),
+        figures.rendered
+    );
+    // 4 shapes × 100 lengths over 1500 bytes.
+    assert_eq!(dropped("oversize"), 400, "datagrams over 1500 bytes");
+    assert!(
+        dropped("unroutable") >= 4 * 1501 - 100,
+        "junk from an unvalidated address is dropped before any leg sees it"
+    );
+    assert_eq!(server.metrics.legs.get(), 2, "no leg was lost");
+    finish(members, server).await;
+}
