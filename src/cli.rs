@@ -90,6 +90,14 @@ struct ServeArgs {
     /// Always route media through the server, even for two.
     #[arg(long, env = "CONFAB_NEVER_P2P")]
     never_p2p: bool,
+    /// Route these rooms through the server even for two: a room id, or a
+    /// prefix ending in `*` (repeatable; comma-separated in the variable).
+    #[arg(
+        long = "never-p2p-room",
+        env = "CONFAB_NEVER_P2P_ROOMS",
+        value_delimiter = ','
+    )]
+    never_p2p_rooms: Vec<String>,
     /// Accept only AEAD_AES_128_GCM for SRTP on server legs (cheaper per
     /// packet; every current browser supports it).
     #[arg(long, env = "CONFAB_SRTP_GCM_ONLY")]
@@ -157,6 +165,11 @@ impl ServeArgs {
                 switch_timeout: Duration::from_millis(self.switch_timeout_ms),
                 never_p2p: self.never_p2p,
             },
+            never_p2p_rooms: self
+                .never_p2p_rooms
+                .into_iter()
+                .filter(|p| !p.is_empty())
+                .collect(),
             srtp_gcm_only: self.srtp_gcm_only,
         }
     }

@@ -37,6 +37,10 @@ pub struct Config {
     pub public_ip: Option<IpAddr>,
     /// When rooms use peer-to-peer and when the server.
     pub mode_policy: ModePolicy,
+    /// Rooms that never use peer-to-peer, by id or `prefix*` pattern
+    /// (webinars, recorded rooms: anything where the server must see the
+    /// media, or where a switch at the second join is unwanted).
+    pub never_p2p_rooms: Vec<String>,
     /// Accept only AEAD_AES_128_GCM for SRTP on server legs (about 4x
     /// cheaper per packet than AES-CM + HMAC-SHA1, which Chromium picks
     /// when offered both).
@@ -108,6 +112,7 @@ impl Default for Config {
             media_bind: None,
             public_ip: None,
             mode_policy: ModePolicy::default(),
+            never_p2p_rooms: Vec::new(),
             srtp_gcm_only: false,
         }
     }

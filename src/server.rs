@@ -71,6 +71,7 @@ impl Server {
                 empty_room_timeout: config.empty_room_timeout,
                 ice_servers: config.ice_servers.clone(),
                 mode_policy: config.mode_policy,
+                never_p2p_rooms: config.never_p2p_rooms.clone(),
                 sfu: Some(sfu_handle),
             },
             Arc::clone(&metrics),

@@ -141,8 +141,32 @@ pub struct RoomSettings {
     pub ice_servers: Vec<IceServer>,
     /// When rooms use which media path.
     pub mode_policy: ModePolicy,
+    /// Room-id patterns whose rooms never use peer-to-peer (see
+    /// [`room_matches`]).
+    pub never_p2p_rooms: Vec<String>,
     /// The SFU, for server legs and forwarding.
     pub sfu: Option<SfuHandle>,
+}
+
+impl RoomSettings {
+    /// The mode policy of room `room`: the server-wide one, made
+    /// server-only when the id matches a `never_p2p_rooms` pattern.
+    pub fn mode_policy_for(&self, room: &str) -> ModePolicy {
+        let mut policy = self.mode_policy;
+        if self.never_p2p_rooms.iter().any(|p| room_matches(p, room)) {
+            policy.never_p2p = true;
+        }
+        policy
+    }
+}
+
+/// Whether room id `room` matches `pattern`: the id itself, or a prefix
+/// followed by `*` (`webinar-*`), or `*` alone for every room.
+pub fn room_matches(pattern: &str, room: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => room.starts_with(prefix),
+        None => pattern == room,
+    }
 }
 
 /// The registry of live rooms.
@@ -244,5 +268,34 @@ impl Rooms {
 
     fn forget(&self, room: &str, generation: u64) {
         self.map.remove_if(room, |_, h| h.generation == generation);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_patterns() {
+        assert!(room_matches("webinar-*", "webinar-42"));
+        assert!(room_matches("webinar-*", "webinar-"));
+        assert!(!room_matches("webinar-*", "standup"));
+        assert!(room_matches("exact", "exact"));
+        assert!(!room_matches("exact", "exactly"));
+        assert!(room_matches("*", "anything"));
+    }
+
+    #[test]
+    fn never_p2p_rooms_override_the_policy() {
+        let settings = RoomSettings {
+            max_participants: 16,
+            empty_room_timeout: Duration::from_secs(5),
+            ice_servers: Vec::new(),
+            mode_policy: ModePolicy::default(),
+            never_p2p_rooms: vec!["town-hall-*".into()],
+            sfu: None,
+        };
+        assert!(settings.mode_policy_for("town-hall-1").never_p2p);
+        assert!(!settings.mode_policy_for("standup").never_p2p);
     }
 }

@@ -79,7 +79,7 @@ impl Room {
         next_seq: Arc<AtomicU64>,
     ) -> Self {
         metrics.rooms.inc();
-        let mode = ModeState::new(settings.mode_policy);
+        let mode = ModeState::new(settings.mode_policy_for(&id));
         let counted_mode = mode.mode();
         metrics
             .rooms_by_mode

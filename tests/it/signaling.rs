@@ -668,3 +668,25 @@ async fn serves_client_health_and_metrics() {
     assert!(body.contains("confab_rooms 1"), "{body}");
     assert_eq!(http_get(server.addr, "/nope").await.0, 404);
 }
+
+#[tokio::test]
+async fn never_p2p_rooms_start_and_stay_server_routed() {
+    let mut cfg = test_config();
+    cfg.never_p2p_rooms = vec!["hall-*".into()];
+    let server = start_server_with(cfg).await;
+    let hall = room_name("hall");
+    let (mut a, ja) = join(server.addr, &hall, "A").await;
+    assert_eq!(ja["mode"]["mode"], "sfu");
+    let (_b, jb) = join(server.addr, &hall, "B").await;
+    assert_eq!(
+        jb["mode"]["mode"], "sfu",
+        "two members, still server-routed"
+    );
+    assert_eq!(jb["mode"]["peer"], json!(null));
+    // A sees B arrive but no mode change: the room never pairs.
+    a.recv_type("participant_joined").await;
+    assert_quiet(&mut a).await;
+    // Other rooms keep the default policy.
+    let (_c, jc) = join(server.addr, &room_name("standup"), "C").await;
+    assert_eq!(jc["mode"]["mode"], "p2p");
+}
