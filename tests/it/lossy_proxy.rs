@@ -1,7 +1,7 @@
 //! An in-process UDP relay between one client and the SFU that drops a
-//! seeded, reproducible fraction of the server's RTP packets towards the
-//! client, each (SSRC, sequence number) at most once, so that what is lost
-//! can be recovered by a single retransmission.
+//! seeded, reproducible fraction of the RTP packets going one way (towards
+//! the client or towards the server), each (SSRC, sequence number) at most
+//! once, so that what is lost can be recovered by a single retransmission.
 //!
 //! The client reaches the relay because its copy of the server's offer names
 //! the relay's address as the server's host candidate
@@ -94,18 +94,8 @@ fn rtp_of_type(datagram: &[u8], pt: u8) -> Option<(u32, u16)> {
 
 impl LossyProxy {
     /// Relays between one client and `server`, dropping a `loss` fraction
-    /// of RTP packets with payload type `payload_type` towards the client
-    /// while armed.
-    pub(crate) async fn start(
-        server: SocketAddr,
-        loss: f64,
-        seed: u64,
-        payload_type: u8,
-    ) -> LossyProxy {
-        Self::start_towards(server, loss, seed, payload_type, Towards::Client).await
-    }
-
-    /// [`LossyProxy::start`], dropping in the given direction.
+    /// of RTP packets with payload type `payload_type` going `towards` one
+    /// side while armed.
     pub(crate) async fn start_towards(
         server: SocketAddr,
         loss: f64,

@@ -95,6 +95,14 @@ impl Member {
     }
 }
 
+/// Runs a media scenario alone (see `media_test_lock`) within 60 s.
+async fn run_scenario(what: &str, scenario: impl std::future::Future<Output = ()>) {
+    let _serial = media_test_lock().await;
+    tokio::time::timeout(Duration::from_secs(60), scenario)
+        .await
+        .unwrap_or_else(|_| panic!("the {what} did not finish within 60 s"));
+}
+
 /// Builds the client, joins, starts signaling and streaming.
 async fn join_member(server: &TestServer, room: &str, config: PeerConfig) -> Member {
     let name = config.name.clone();
@@ -448,18 +456,12 @@ async fn finish(members: Vec<Member>, server: TestServer) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sfu_three_members_receive_every_stream_through_the_server() {
-    let _serial = media_test_lock().await;
-    tokio::time::timeout(Duration::from_secs(60), mesh(3, true))
-        .await
-        .expect("the 3-member SFU scenario did not finish within 60 s");
+    run_scenario("3-member SFU scenario", mesh(3, true)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sfu_five_members_receive_every_stream_through_the_server() {
-    let _serial = media_test_lock().await;
-    tokio::time::timeout(Duration::from_secs(60), mesh(5, false))
-        .await
-        .expect("the 5-member SFU scenario did not finish within 60 s");
+    run_scenario("5-member SFU scenario", mesh(5, false)).await;
 }
 
 /// `n` members join one room (the first two start peer-to-peer and move to
@@ -579,10 +581,7 @@ async fn mesh(n: usize, audio: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sfu_every_server_offer_is_ice_lite_with_host_candidates_and_end_of_candidates() {
-    let _serial = media_test_lock().await;
-    tokio::time::timeout(Duration::from_secs(60), every_offer())
-        .await
-        .expect("the server-offer scenario did not finish within 60 s");
+    run_scenario("server-offer scenario", every_offer()).await;
 }
 
 /// Three members join and one leaves, so every member gets a first offer
@@ -647,10 +646,7 @@ async fn every_offer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sfu_late_joiner_gets_every_stream_after_a_keyframe_request() {
-    let _serial = media_test_lock().await;
-    tokio::time::timeout(Duration::from_secs(60), late_joiner())
-        .await
-        .expect("the late-joiner scenario did not finish within 60 s");
+    run_scenario("late-joiner scenario", late_joiner()).await;
 }
 
 /// Three members stream with key frames only on request (as encoders do);
@@ -795,10 +791,7 @@ async fn late_joiner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sfu_killed_member_leaves_and_the_rest_continue_without_loss() {
-    let _serial = media_test_lock().await;
-    tokio::time::timeout(Duration::from_secs(60), killed_member())
-        .await
-        .expect("the killed-member scenario did not finish within 60 s");
+    run_scenario("killed-member scenario", killed_member()).await;
 }
 
 /// Four members stream through the server; one disappears without `leave`
@@ -931,10 +924,7 @@ const RETURN_DELAY: Duration = Duration::from_secs(1);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sfu_switch_two_three_two_is_seamless() {
-    let _serial = media_test_lock().await;
-    tokio::time::timeout(Duration::from_secs(60), switch_two_three_two())
-        .await
-        .expect("the 2-3-2 switch scenario did not finish within 60 s");
+    run_scenario("2-3-2 switch scenario", switch_two_three_two()).await;
 }
 
 /// A and B talk peer-to-peer; C joins (to_sfu, then sfu); C leaves; after
@@ -1240,24 +1230,18 @@ const LOSS: f64 = 0.05;
 /// Fixes which packets are dropped.
 const SEED: u64 = 0x0c0f_fab5;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sfu_nack_recovers_every_packet_lost_towards_a_subscriber() {
-    let _serial = media_test_lock().await;
-    tokio::time::timeout(Duration::from_secs(60), nack_recovery())
-        .await
-        .expect("the NACK scenario did not finish within 60 s");
-}
-
-/// `c`'s server leg runs through a relay that drops 5 % of the server's
-/// video packets towards `c` (seeded, each packet once). `c`'s NACKs must
-/// get every one of them retransmitted by the server, and the other
-/// members must not notice.
-async fn nack_recovery() {
+/// Members a, b and c in one room, server-routed and rendering, with c's
+/// server leg through a seeded relay (armed later) that drops video going
+/// `towards` one side.
+async fn three_with_c_behind_a_relay(
+    towards: Towards,
+) -> (TestServer, LossyProxy, Vec<Member>, Instant) {
     let server = start_server_with(config()).await;
-    let proxy = LossyProxy::start(server.media_addr, LOSS, SEED, VIDEO_PAYLOAD_TYPE).await;
+    let proxy =
+        LossyProxy::start_towards(server.media_addr, LOSS, SEED, VIDEO_PAYLOAD_TYPE, towards).await;
     let room = room_name("sfu-nack");
     let since = Instant::now();
-    let mut members = vec![
+    let members = vec![
         join_member(&server, &room, PeerConfig::video("a")).await,
         join_member(&server, &room, PeerConfig::video("b")).await,
         join_member(
@@ -1270,6 +1254,21 @@ async fn nack_recovery() {
     let all: Vec<&Member> = members.iter().collect();
     wait_all_mode(&all, "sfu", since).await;
     wait_all_rendering_via_server(&all, since).await;
+    (server, proxy, members, since)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sfu_nack_recovers_every_packet_lost_towards_a_subscriber() {
+    run_scenario("NACK scenario", nack_recovery()).await;
+}
+
+/// `c`'s server leg runs through a relay that drops 5 % of the server's
+/// video packets towards `c` (seeded, each packet once). `c`'s NACKs must
+/// get every one of them retransmitted by the server, and the other
+/// members must not notice.
+async fn nack_recovery() {
+    let (server, proxy, mut members, since) = three_with_c_behind_a_relay(Towards::Client).await;
+    let all: Vec<&Member> = members.iter().collect();
     let c = all[2];
     let pair = c
         .peer
@@ -1399,10 +1398,7 @@ async fn nack_recovery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sfu_nack_recovers_every_packet_a_publisher_lost_towards_the_server() {
-    let _serial = media_test_lock().await;
-    tokio::time::timeout(Duration::from_secs(60), upstream_nack_recovery())
-        .await
-        .expect("the upstream NACK scenario did not finish within 60 s");
+    run_scenario("upstream NACK scenario", upstream_nack_recovery()).await;
 }
 
 /// `c`'s server leg runs through a relay that drops 5 % of `c`'s video
@@ -1410,30 +1406,8 @@ async fn sfu_nack_recovers_every_packet_a_publisher_lost_towards_the_server() {
 /// NACK them from `c` and forward the retransmissions, so that `a` and `b`
 /// render `c`'s stream without a hole.
 async fn upstream_nack_recovery() {
-    let server = start_server_with(config()).await;
-    let proxy = LossyProxy::start_towards(
-        server.media_addr,
-        LOSS,
-        SEED,
-        VIDEO_PAYLOAD_TYPE,
-        Towards::Server,
-    )
-    .await;
-    let room = room_name("sfu-nack-up");
-    let since = Instant::now();
-    let mut members = vec![
-        join_member(&server, &room, PeerConfig::video("a")).await,
-        join_member(&server, &room, PeerConfig::video("b")).await,
-        join_member(
-            &server,
-            &room,
-            PeerConfig::video("c").server_media_via(server.media_addr, proxy.addr),
-        )
-        .await,
-    ];
+    let (server, proxy, mut members, _) = three_with_c_behind_a_relay(Towards::Server).await;
     let all: Vec<&Member> = members.iter().collect();
-    wait_all_mode(&all, "sfu", since).await;
-    wait_all_rendering_via_server(&all, since).await;
     let from = next_counters(&all);
     proxy.arm(true);
     tokio::time::sleep(MEASURE + Duration::from_secs(1)).await;
@@ -1533,10 +1507,7 @@ fn shaped_junk(first: u8, len: usize, seed: u32) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sfu_garbage_on_the_media_port_harms_nobody() {
-    let _serial = media_test_lock().await;
-    tokio::time::timeout(Duration::from_secs(60), garbage_on_the_media_port())
-        .await
-        .expect("the hostile-datagram scenario did not finish within 60 s");
+    run_scenario("hostile-datagram scenario", garbage_on_the_media_port()).await;
 }
 
 /// Two members stream through the server while a third socket, never
