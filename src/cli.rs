@@ -8,7 +8,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::auth::{self, Grants};
-use crate::config::{Config, Limits, DEFAULT_LISTEN, DEFAULT_MEDIA_PORT};
+use crate::config::{
+    Config, Limits, TurnConfig, DEFAULT_LISTEN, DEFAULT_MEDIA_PORT, DEFAULT_TURN_PORT,
+};
 use crate::room::ModePolicy;
 use crate::server::Server;
 use crate::signaling::protocol::IceServer;
@@ -24,7 +26,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the server (the default when no subcommand is given).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a join token for a room and identity.
     Token(TokenArgs),
 }
@@ -102,6 +104,63 @@ struct ServeArgs {
     /// packet; every current browser supports it).
     #[arg(long, env = "CONFAB_SRTP_GCM_ONLY")]
     srtp_gcm_only: bool,
+    /// Do not run the embedded STUN/TURN server (e.g. with --turn-external).
+    #[arg(long, env = "CONFAB_NO_TURN")]
+    no_turn: bool,
+    /// UDP port of the embedded STUN/TURN server (0: any free port).
+    #[arg(long, env = "CONFAB_TURN_PORT", default_value_t = DEFAULT_TURN_PORT)]
+    turn_port: u16,
+    /// IP the TURN server and its relay sockets bind (default: the media
+    /// socket's IP).
+    #[arg(long, env = "CONFAB_TURN_BIND")]
+    turn_bind: Option<IpAddr>,
+    /// IP clients reach the TURN server at, also announced as the relayed
+    /// address (1:1 NAT; default: --public-ip, else the bind IP).
+    #[arg(long, env = "CONFAB_TURN_PUBLIC_IP")]
+    turn_public_ip: Option<IpAddr>,
+    /// Relay port range, LOW-HIGH inclusive: one port per allocation.
+    #[arg(long, env = "CONFAB_TURN_RELAY_PORTS", default_value = "49152-65535", value_parser = parse_port_range)]
+    turn_relay_ports: (u16, u16),
+    /// Realm of the TURN credentials.
+    #[arg(long, env = "CONFAB_TURN_REALM", default_value = "confab")]
+    turn_realm: String,
+    /// Shared secret of the TURN credentials (coturn's static-auth-secret,
+    /// at least 16 bytes). Without one, a random secret per start.
+    #[arg(long, env = "CONFAB_TURN_SECRET", hide_env_values = true)]
+    turn_secret: Option<String>,
+    /// Seconds a handed-out TURN credential stays valid.
+    #[arg(long, env = "CONFAB_TURN_CREDENTIAL_TTL_SECS", default_value_t = TurnConfig::default().credential_ttl.as_secs())]
+    turn_credential_ttl_secs: u64,
+    /// TURN allocations one participant may hold at once (more get 486).
+    #[arg(long, env = "CONFAB_TURN_USER_QUOTA", default_value_t = TurnConfig::default().user_quota)]
+    turn_user_quota: usize,
+    /// TURN allocations the server holds at once (more get 486).
+    #[arg(long, env = "CONFAB_TURN_TOTAL_QUOTA", default_value_t = TurnConfig::default().total_quota)]
+    turn_total_quota: usize,
+    /// Development only: let the relay reach loopback peers (local demos,
+    /// tests). Private and link-local peers stay refused.
+    #[arg(long, env = "CONFAB_TURN_ALLOW_LOOPBACK")]
+    turn_allow_loopback: bool,
+    /// An external STUN/TURN URL handed to clients with a time-limited
+    /// credential (repeatable), e.g. `turn:turn.example.org:3478?transport=udp`.
+    #[arg(
+        long = "turn-external",
+        env = "CONFAB_TURN_EXTERNAL",
+        value_delimiter = ','
+    )]
+    turn_external: Vec<String>,
+    /// Shared secret of the external TURN servers (default: --turn-secret).
+    #[arg(long, env = "CONFAB_TURN_EXTERNAL_SECRET", hide_env_values = true)]
+    turn_external_secret: Option<String>,
+}
+
+/// `LOW-HIGH` → `(LOW, HIGH)`.
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("`{s}`: expected LOW-HIGH"))?;
+    let port = |p: &str| p.trim().parse::<u16>().map_err(|e| format!("`{s}`: {e}"));
+    Ok((port(lo)?, port(hi)?))
 }
 
 #[derive(Debug, Args)]
@@ -171,6 +230,25 @@ impl ServeArgs {
                 .filter(|p| !p.is_empty())
                 .collect(),
             srtp_gcm_only: self.srtp_gcm_only,
+            turn: TurnConfig {
+                enabled: !self.no_turn,
+                port: self.turn_port,
+                bind: self.turn_bind,
+                public_ip: self.turn_public_ip,
+                relay_ports: self.turn_relay_ports,
+                realm: self.turn_realm,
+                secret: self.turn_secret.filter(|s| !s.is_empty()),
+                credential_ttl: Duration::from_secs(self.turn_credential_ttl_secs),
+                user_quota: self.turn_user_quota,
+                total_quota: self.turn_total_quota,
+                allow_loopback: self.turn_allow_loopback,
+                external_urls: self
+                    .turn_external
+                    .into_iter()
+                    .filter(|u| !u.is_empty())
+                    .collect(),
+                external_secret: self.turn_external_secret.filter(|s| !s.is_empty()),
+            },
         }
     }
 }
@@ -207,7 +285,7 @@ pub fn run() -> i32 {
             println!("{token}");
             0
         }
-        Cmd::Serve(args) => serve(args.into_config()),
+        Cmd::Serve(args) => serve((*args).into_config()),
     }
 }
 
@@ -231,6 +309,7 @@ fn serve(config: Config) -> i32 {
         };
         let addr = server.local_addr();
         let media = server.media_addr();
+        let turn = server.turn_addr();
         if dev {
             tracing::warn!(
                 "DEV MODE: no --jwt-secret set, anyone who can reach {addr} can join any room"
@@ -244,6 +323,9 @@ fn serve(config: Config) -> i32 {
             "Confab is running. Open http://{addr}/ in two browser windows to start a call."
         );
         let _ = writeln!(out, "Media (UDP) on {media}.");
+        if let Some(turn) = turn {
+            let _ = writeln!(out, "STUN/TURN (UDP) on {turn}.");
+        }
         let _ = out.flush();
         drop(out);
         let stop = server.shutdown_handle();

@@ -45,6 +45,73 @@ pub struct Config {
     /// cheaper per packet than AES-CM + HMAC-SHA1, which Chromium picks
     /// when offered both).
     pub srtp_gcm_only: bool,
+    /// The embedded STUN/TURN server and the TURN servers handed to clients.
+    pub turn: TurnConfig,
+}
+
+/// STUN/TURN: the embedded server and external ones. Clients get
+/// time-limited credentials (coturn's `use-auth-secret` scheme) for every
+/// TURN server in `joined.ice_servers`.
+#[derive(Debug, Clone)]
+pub struct TurnConfig {
+    /// Run the embedded STUN/TURN server.
+    pub enabled: bool,
+    /// Its UDP port (0: any free port).
+    pub port: u16,
+    /// The address it binds; `None` binds the media socket's IP.
+    pub bind: Option<IpAddr>,
+    /// The address clients reach it at and relayed addresses are announced
+    /// with (1:1 NAT); `None` uses `Config::public_ip`, else the bind IP.
+    pub public_ip: Option<IpAddr>,
+    /// Relay ports, inclusive: one per allocation.
+    pub relay_ports: (u16, u16),
+    /// The long-term credential realm.
+    pub realm: String,
+    /// The shared secret credentials are signed with. `None`: a random
+    /// secret per start (fine for the embedded server alone).
+    pub secret: Option<String>,
+    /// How long handed-out credentials stay valid. An allocation must be
+    /// refreshed with a valid credential, so a relayed call longer than
+    /// this needs a rejoin.
+    pub credential_ttl: Duration,
+    /// Allocations one username (one join) may hold at once; more get 486.
+    /// A browser allocates per peer connection and TURN URL.
+    pub user_quota: usize,
+    /// Allocations the server holds at once; more get 486.
+    pub total_quota: usize,
+    /// Development only: let the relay reach loopback peers (tests, local
+    /// demos). Private and link-local peers stay refused.
+    pub allow_loopback: bool,
+    /// External STUN/TURN URLs handed out with credentials signed by
+    /// `external_secret` (an external coturn with `static-auth-secret`).
+    pub external_urls: Vec<String>,
+    /// Secret of the external servers; `None` uses `secret`.
+    pub external_secret: Option<String>,
+}
+
+/// The embedded TURN server's port when none is given.
+pub const DEFAULT_TURN_PORT: u16 = 3478;
+/// The relay port range when none is given (coturn's default).
+pub const DEFAULT_TURN_RELAY_PORTS: (u16, u16) = (49152, 65535);
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        TurnConfig {
+            enabled: true,
+            port: DEFAULT_TURN_PORT,
+            bind: None,
+            public_ip: None,
+            relay_ports: DEFAULT_TURN_RELAY_PORTS,
+            realm: "confab".into(),
+            secret: None,
+            credential_ttl: Duration::from_secs(6 * 3600),
+            user_quota: 10,
+            total_quota: 1000,
+            allow_loopback: false,
+            external_urls: Vec::new(),
+            external_secret: None,
+        }
+    }
 }
 
 /// Bounds on clients. Each one is documented in `docs/protocol.md` and has an
@@ -114,6 +181,7 @@ impl Default for Config {
             mode_policy: ModePolicy::default(),
             never_p2p_rooms: Vec::new(),
             srtp_gcm_only: false,
+            turn: TurnConfig::default(),
         }
     }
 }
@@ -127,6 +195,23 @@ impl Config {
     /// The address the SFU's socket binds.
     pub fn media_addr(&self) -> SocketAddr {
         SocketAddr::new(self.media_bind.unwrap_or(self.listen.ip()), self.media_port)
+    }
+
+    /// The address the embedded TURN server binds.
+    pub fn turn_addr(&self) -> SocketAddr {
+        SocketAddr::new(
+            self.turn.bind.unwrap_or(self.media_addr().ip()),
+            self.turn.port,
+        )
+    }
+
+    /// The address clients reach the embedded TURN server at, and relayed
+    /// addresses are announced with.
+    pub fn turn_public_ip(&self) -> IpAddr {
+        self.turn
+            .public_ip
+            .or(self.public_ip)
+            .unwrap_or(self.turn_addr().ip())
     }
 
     /// Refuses configurations that would be unsafe to run.
@@ -160,6 +245,52 @@ impl Config {
         }
         if !(self.limits.rate_per_sec > 0.0 && self.limits.rate_burst >= 1.0) {
             return Err("--rate-per-sec must be > 0 and --rate-burst >= 1".into());
+        }
+        self.validate_turn()
+    }
+
+    fn validate_turn(&self) -> Result<(), String> {
+        let t = &self.turn;
+        for secret in [&t.secret, &t.external_secret].into_iter().flatten() {
+            if secret.len() < 16 {
+                return Err("TURN secrets must be at least 16 bytes".into());
+            }
+        }
+        if !t.external_urls.is_empty() && t.external_secret.is_none() && t.secret.is_none() {
+            return Err("--turn-external needs --turn-external-secret or --turn-secret".into());
+        }
+        if let Some(bad) = t.external_urls.iter().find(|u| {
+            !["stun:", "turn:", "turns:"]
+                .iter()
+                .any(|s| u.starts_with(s))
+        }) {
+            return Err(format!(
+                "--turn-external {bad}: expected a stun:, turn: or turns: URL"
+            ));
+        }
+        if t.credential_ttl < Duration::from_secs(60) {
+            return Err("--turn-credential-ttl-secs must be at least 60".into());
+        }
+        if !t.enabled {
+            return Ok(());
+        }
+        let (lo, hi) = t.relay_ports;
+        if lo == 0 || hi < lo {
+            return Err(format!(
+                "--turn-relay-ports {lo}-{hi}: expected LOW-HIGH with 0 < LOW <= HIGH"
+            ));
+        }
+        if t.user_quota == 0 || t.total_quota == 0 {
+            return Err("--turn-user-quota and --turn-total-quota must be at least 1".into());
+        }
+        if t.realm.is_empty() || t.realm.len() > 127 {
+            return Err("--turn-realm must be 1-127 bytes".into());
+        }
+        if self.turn_public_ip().is_unspecified() {
+            return Err(format!(
+                "the TURN server would bind {}: set --turn-public-ip or --public-ip (the address clients reach)",
+                self.turn_addr()
+            ));
         }
         Ok(())
     }
@@ -197,5 +328,39 @@ mod tests {
         assert!(c.validate().is_ok());
         c.mode_policy.sfu_threshold = 2;
         assert!(c.validate().unwrap_err().contains("--sfu-threshold"));
+    }
+
+    #[test]
+    fn turn_settings_are_checked() {
+        let ok = Config::default();
+        assert_eq!(ok.turn_addr(), SocketAddr::from(([127, 0, 0, 1], 3478)));
+        assert_eq!(ok.turn_public_ip(), ok.turn_addr().ip());
+        let check = |f: &dyn Fn(&mut TurnConfig)| {
+            let mut c = Config::default();
+            f(&mut c.turn);
+            c.validate()
+        };
+        assert!(check(&|t| t.relay_ports = (0, 10)).is_err());
+        assert!(check(&|t| t.relay_ports = (50000, 40000)).is_err());
+        assert!(check(&|t| t.user_quota = 0).is_err());
+        assert!(check(&|t| t.secret = Some("short".into())).is_err());
+        assert!(check(&|t| t.credential_ttl = Duration::from_secs(5)).is_err());
+        assert!(check(&|t| t.external_urls = vec!["turn:turn.example.org".into()]).is_err());
+        assert!(check(&|t| {
+            t.external_urls = vec!["http://turn.example.org".into()];
+            t.secret = Some("0123456789abcdef".into());
+        })
+        .is_err());
+        assert!(check(&|t| {
+            t.external_urls = vec!["turn:turn.example.org:3478?transport=udp".into()];
+            t.external_secret = Some("0123456789abcdef".into());
+        })
+        .is_ok());
+        // Disabled: its own settings do not matter.
+        assert!(check(&|t| {
+            t.enabled = false;
+            t.relay_ports = (0, 0);
+        })
+        .is_ok());
     }
 }

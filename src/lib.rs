@@ -18,6 +18,8 @@
 //! - [`auth`]: HS256 join tokens with pinned algorithm and grants.
 //! - [`media`]: RTP parsing and the per-subscriber forwarder (pure logic,
 //!   the base of server-routed media).
+//! - [`turn_server`]: the embedded STUN/TURN server and the time-limited
+//!   TURN credentials handed out in `joined`.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`web`]: the embedded browser client.
 //!
@@ -50,4 +52,5 @@ pub mod metrics;
 pub mod room;
 pub mod server;
 pub mod signaling;
+pub mod turn_server;
 pub mod web;

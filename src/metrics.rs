@@ -39,6 +39,20 @@ pub struct Metrics {
     pub rooms_by_mode: IntGaugeVec,
     /// Mode changes, by the mode entered.
     pub mode_switches: IntCounterVec,
+    /// Live allocations on the embedded TURN server.
+    pub turn_allocations: IntGauge,
+    /// Allocations created on the embedded TURN server.
+    pub turn_allocations_total: IntCounter,
+    /// Datagrams relayed by the embedded TURN server, by direction
+    /// (`to_peer`, `from_peer`).
+    pub turn_relayed_packets: IntCounterVec,
+    /// Bytes relayed by the embedded TURN server, by direction.
+    pub turn_relayed_bytes: IntCounterVec,
+    /// TURN requests refused, by reason (`unauthorized`, `expired`, `quota`,
+    /// `forbidden_peer`).
+    pub turn_refused: IntCounterVec,
+    /// TURN datagrams dropped unanswered, by reason.
+    pub turn_dropped: IntCounterVec,
 }
 
 impl Metrics {
@@ -107,6 +121,28 @@ impl Metrics {
             "Room mode changes, by the mode entered",
             "to",
         );
+        let turn_allocations = gauge("turn_allocations", "Live TURN allocations");
+        let turn_allocations_total = counter("turn_allocations_total", "TURN allocations created");
+        let turn_relayed_packets = counter_vec(
+            "turn_relayed_packets_total",
+            "Datagrams relayed by the TURN server, by direction (to_peer, from_peer)",
+            "direction",
+        );
+        let turn_relayed_bytes = counter_vec(
+            "turn_relayed_bytes_total",
+            "Bytes relayed by the TURN server, by direction (to_peer, from_peer)",
+            "direction",
+        );
+        let turn_refused = counter_vec(
+            "turn_refused_total",
+            "TURN requests refused, by reason (unauthorized, expired, quota, forbidden_peer)",
+            "reason",
+        );
+        let turn_dropped = counter_vec(
+            "turn_dropped_datagrams_total",
+            "TURN datagrams dropped unanswered, by reason",
+            "reason",
+        );
         Metrics {
             registry,
             rooms,
@@ -124,6 +160,12 @@ impl Metrics {
             media_dropped,
             rooms_by_mode,
             mode_switches,
+            turn_allocations,
+            turn_allocations_total,
+            turn_relayed_packets,
+            turn_relayed_bytes,
+            turn_refused,
+            turn_dropped,
         }
     }
 

@@ -18,6 +18,7 @@ use crate::media::sfu::Sfu;
 use crate::metrics::Metrics;
 use crate::room::{RoomSettings, Rooms};
 use crate::signaling::session::{self, SignalContext};
+use crate::turn_server::{IceServerList, PeerPolicy, TurnServer, TurnSettings};
 use crate::web;
 
 /// A bound, not yet running server.
@@ -29,6 +30,8 @@ pub struct Server {
     /// The SFU task, started by `run`.
     sfu: Option<Sfu>,
     media_addr: SocketAddr,
+    /// The embedded STUN/TURN server, when enabled.
+    turn: Option<TurnServer>,
 }
 
 #[derive(Debug, Clone)]
@@ -65,11 +68,12 @@ impl Server {
         )
         .await?;
         let media_addr = sfu_handle.advertised_addr();
+        let (turn, ice_servers) = start_turn(&config, &metrics).await?;
         let rooms = Arc::new(Rooms::new(
             RoomSettings {
                 max_participants: config.limits.max_participants,
                 empty_room_timeout: config.empty_room_timeout,
-                ice_servers: config.ice_servers.clone(),
+                ice_servers,
                 mode_policy: config.mode_policy,
                 never_p2p_rooms: config.never_p2p_rooms.clone(),
                 sfu: Some(sfu_handle),
@@ -93,7 +97,15 @@ impl Server {
             shutdown_tx,
             sfu: Some(sfu),
             media_addr,
+            turn,
         })
+    }
+
+    /// The embedded TURN server's address as clients reach it, if enabled.
+    pub fn turn_addr(&self) -> Option<SocketAddr> {
+        let turn = self.turn.as_ref()?;
+        let ip = self.state.signal.config.turn_public_ip();
+        Some(SocketAddr::new(ip, turn.local_addr().port()))
     }
 
     /// The bound address (useful with port 0).
@@ -126,6 +138,7 @@ impl Server {
     /// Serves until [`ShutdownHandle::shutdown`] is called, then lets every
     /// session close with `server_shutdown` and returns.
     pub async fn run(mut self) -> std::io::Result<()> {
+        let turn = self.turn.take();
         if let Some(sfu) = self.sfu.take() {
             // Runs until the rooms (which hold its handles) are gone.
             tokio::spawn(sfu.run());
@@ -137,12 +150,69 @@ impl Server {
         let listener = self.listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        axum::serve(listener, app)
+        let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = shutdown.wait_for(|down| *down).await;
             })
-            .await
+            .await;
+        if let Some(turn) = turn {
+            turn.close().await;
+        }
+        served
     }
+}
+
+/// Starts the embedded TURN server (if enabled) and builds the ICE server
+/// list clients get: the fixed `--ice-server` URLs, the embedded server's
+/// STUN and TURN URLs, and the external TURN URLs.
+async fn start_turn(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<(Option<TurnServer>, IceServerList), String> {
+    let t = &config.turn;
+    let secret: Vec<u8> = match &t.secret {
+        Some(s) => s.as_bytes().to_vec(),
+        None => (0..32).map(|_| rand::random::<u8>()).collect(),
+    };
+    let mut list = IceServerList {
+        fixed: config.ice_servers.clone(),
+        signed: Vec::new(),
+        ttl: t.credential_ttl,
+    };
+    let mut turn = None;
+    if t.enabled {
+        let server = TurnServer::start(
+            TurnSettings {
+                listen: config.turn_addr(),
+                relay_bind: config.turn_addr().ip(),
+                relay_public: config.turn_public_ip(),
+                relay_ports: t.relay_ports,
+                realm: t.realm.clone(),
+                secret: secret.clone(),
+                user_quota: t.user_quota,
+                total_quota: t.total_quota,
+                policy: PeerPolicy {
+                    allow_loopback: t.allow_loopback,
+                },
+            },
+            Arc::clone(metrics),
+        )
+        .await?;
+        let addr = SocketAddr::new(config.turn_public_ip(), server.local_addr().port());
+        list.signed.push((
+            vec![format!("stun:{addr}"), format!("turn:{addr}?transport=udp")],
+            secret.clone(),
+        ));
+        turn = Some(server);
+    }
+    if !t.external_urls.is_empty() {
+        let external = t
+            .external_secret
+            .as_ref()
+            .map_or(secret, |s| s.as_bytes().to_vec());
+        list.signed.push((t.external_urls.clone(), external));
+    }
+    Ok((turn, list))
 }
 
 fn router(state: AppState) -> Router {

@@ -26,7 +26,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::auth::Grants;
 use crate::media::sfu::SfuHandle;
 use crate::metrics::Metrics;
-use crate::signaling::protocol::{ErrorCode, IceServer, LeaveReason, ServerMessage};
+use crate::signaling::protocol::{ErrorCode, LeaveReason, ServerMessage};
+use crate::turn_server::IceServerList;
 
 /// A serialised server message, shared between all recipients of a
 /// broadcast.
@@ -137,8 +138,8 @@ pub struct RoomSettings {
     pub max_participants: usize,
     /// Delay before an empty room is removed.
     pub empty_room_timeout: Duration,
-    /// ICE servers sent in `joined`.
-    pub ice_servers: Vec<IceServer>,
+    /// ICE servers sent in `joined`, with per-participant TURN credentials.
+    pub ice_servers: IceServerList,
     /// When rooms use which media path.
     pub mode_policy: ModePolicy,
     /// Room-id patterns whose rooms never use peer-to-peer (see
@@ -290,7 +291,7 @@ mod tests {
         let settings = RoomSettings {
             max_participants: 16,
             empty_room_timeout: Duration::from_secs(5),
-            ice_servers: Vec::new(),
+            ice_servers: IceServerList::default(),
             mode_policy: ModePolicy::default(),
             never_p2p_rooms: vec!["town-hall-*".into()],
             sfu: None,

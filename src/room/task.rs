@@ -259,7 +259,7 @@ impl Room {
             room: self.id.clone(),
             participant_id: id.clone(),
             members: others,
-            ice_servers: self.settings.ice_servers.clone(),
+            ice_servers: self.settings.ice_servers.for_participant(&id),
             mode: self.mode.view(&id),
         };
         self.send_to(&id, &joined);

@@ -57,9 +57,10 @@ process.on('exit', () => {
 });
 
 /**
- * Starts `confab serve --listen 127.0.0.1:0 --media-port 0 ...args` and waits
- * for the URL it prints on stdout (and the UDP media address it prints next).
- * @returns {Promise<{url: string, port: number, mediaPort: number|null,
+ * Starts `confab serve --listen 127.0.0.1:0 --media-port 0 --turn-port 0 ...args`
+ * and waits for the URL it prints on stdout (and the UDP media and STUN/TURN
+ * addresses it prints next).
+ * @returns {Promise<{url: string, port: number, mediaPort: number|null, turnPort: number|null,
  *   child: import('node:child_process').ChildProcess, output: () => string, stop: () => Promise<void>}>}
  */
 export async function startServer({ args = [], env = {}, timeoutMs = 15_000 } = {}) {
@@ -67,7 +68,7 @@ export async function startServer({ args = [], env = {}, timeoutMs = 15_000 } = 
   if (!existsSync(bin)) {
     throw new Error(`server binary not found at ${bin} (build it with \`cargo build --bin confab\` or set CONFAB_BIN)`);
   }
-  const child = spawn(bin, ['serve', '--listen', '127.0.0.1:0', '--media-port', '0', ...args], {
+  const child = spawn(bin, ['serve', '--listen', '127.0.0.1:0', '--media-port', '0', '--turn-port', '0', ...args], {
     cwd: repoRoot,
     env: { ...process.env, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -107,6 +108,12 @@ export async function startServer({ args = [], env = {}, timeoutMs = 15_000 } = 
     const match = /Media \(UDP\) on \S+?:(\d+)/.exec(text);
     return match ? Number(match[1]) : null;
   };
+  // `STUN/TURN (UDP) on 127.0.0.1:3478.`: the embedded TURN server, printed
+  // right after the media line unless disabled.
+  const turnPortIn = (text) => {
+    const match = /STUN\/TURN \(UDP\) on \S+?:(\d+)/.exec(text);
+    return match ? Number(match[1]) : null;
+  };
   try {
     const url = await new Promise((resolve, reject) => {
       const timer = setTimeout(
@@ -129,7 +136,9 @@ export async function startServer({ args = [], env = {}, timeoutMs = 15_000 } = 
           // The media line follows the URL; a server without one is not waited for long.
           graceTimer = setTimeout(() => done(urlSeen), 2_000);
         }
-        if (urlSeen && mediaPortIn(stdout) !== null) done(urlSeen);
+        if (urlSeen && mediaPortIn(stdout) !== null && (turnPortIn(stdout) !== null || args.includes('--no-turn'))) {
+          done(urlSeen);
+        }
       });
       child.once('error', (err) => {
         clearTimeout(timer);
@@ -145,6 +154,7 @@ export async function startServer({ args = [], env = {}, timeoutMs = 15_000 } = 
       url: parsed.origin,
       port: Number(parsed.port),
       mediaPort: mediaPortIn(stdout),
+      turnPort: turnPortIn(stdout),
       child,
       output: () => output,
       stop,
@@ -253,6 +263,8 @@ export function rtcSummary(page, { leg = 'direct' } = {}) {
         port: c.port,
         protocol: c.protocol,
         candidateType: c.candidateType,
+        url: c.url ?? null,
+        relayProtocol: c.relayProtocol ?? null,
       };
     };
     const transport = stats.find((s) => s.type === 'transport' && s.selectedCandidatePairId);

@@ -27,6 +27,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     /// The SFU's UDP address.
     pub media_addr: SocketAddr,
+    /// The embedded STUN/TURN server's UDP address, when enabled.
+    pub turn_addr: Option<SocketAddr>,
     pub rooms: std::sync::Arc<confab::room::Rooms>,
     pub metrics: std::sync::Arc<confab::metrics::Metrics>,
     stop: ShutdownHandle,
@@ -54,13 +56,17 @@ pub async fn start_server() -> TestServer {
     start_server_with(test_config()).await
 }
 
-/// The default test configuration: loopback, ephemeral port, dev mode.
+/// The default test configuration: loopback, ephemeral ports, dev mode;
+/// the embedded TURN server on any free port, allowed to relay to loopback.
 pub fn test_config() -> Config {
-    Config {
+    let mut cfg = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         media_port: 0,
         ..Config::default()
-    }
+    };
+    cfg.turn.port = 0;
+    cfg.turn.allow_loopback = true;
+    cfg
 }
 
 /// A server with `cfg` (its listen address is used as given).
@@ -68,6 +74,7 @@ pub async fn start_server_with(cfg: Config) -> TestServer {
     let server = Server::bind(cfg).await.expect("server binds");
     let addr = server.local_addr();
     let media_addr = server.media_addr();
+    let turn_addr = server.turn_addr();
     let stop = server.shutdown_handle();
     let rooms = server.rooms();
     let metrics = server.metrics();
@@ -77,6 +84,7 @@ pub async fn start_server_with(cfg: Config) -> TestServer {
     TestServer {
         addr,
         media_addr,
+        turn_addr,
         rooms,
         metrics,
         stop,

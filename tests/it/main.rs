@@ -12,3 +12,4 @@ mod process;
 mod rtc_peer;
 mod sfu_media;
 mod signaling;
+mod turn;

@@ -11,7 +11,15 @@ use crate::common::*;
 #[tokio::test]
 async fn sigterm_closes_sessions_gracefully_and_exits_zero() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_confab"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--media-port", "0"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--media-port",
+            "0",
+            "--turn-port",
+            "0",
+        ])
         .env("CONFAB_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

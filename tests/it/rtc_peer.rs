@@ -113,8 +113,9 @@ use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     register_default_interceptors, MediaEngine, PeerConnection, PeerConnectionBuilder,
     PeerConnectionEventHandler, RTCConfigurationBuilder, RTCIceCandidateInit,
-    RTCIceConnectionState, RTCIceGatheringState, RTCIceServer, RTCPeerConnectionIceEvent,
-    RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
+    RTCIceConnectionState, RTCIceGatheringState, RTCIceServer, RTCIceTransportPolicy,
+    RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription, Registry,
+    SettingEngineBuilder,
 };
 
 use crate::common::{WsReceiver, WsSender};
@@ -271,6 +272,8 @@ pub(crate) struct PeerConfig {
     /// the original): a test can point the server's candidates elsewhere,
     /// e.g. at an impairment proxy.
     pub(crate) server_offer_rewrite: Option<SdpRewrite>,
+    /// Gather and use relay candidates only (`iceTransportPolicy: relay`).
+    pub(crate) relay_only: bool,
 }
 
 /// A rewrite of an SDP (see [`PeerConfig::server_offer_rewrite`]).
@@ -294,6 +297,7 @@ impl PeerConfig {
             bind: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
             keyframes: KeyframePolicy::Always,
             server_offer_rewrite: None,
+            relay_only: false,
         }
     }
 
@@ -307,6 +311,14 @@ impl PeerConfig {
     pub(crate) fn receive_only(mut self) -> PeerConfig {
         self.video = false;
         self.audio = false;
+        self
+    }
+
+    /// Use the TURN servers of `ice_servers` (e.g. from
+    /// [`ice_servers_from_joined`]) and nothing but relay candidates.
+    pub(crate) fn relay_only(mut self, ice_servers: Vec<RTCIceServer>) -> PeerConfig {
+        self.ice_servers = ice_servers;
+        self.relay_only = true;
         self
     }
 
@@ -1449,9 +1461,12 @@ impl Leg {
             // host candidate); set for versions that filter loopback candidates.
             .with_include_loopback_candidate(true)
             .build();
-        let configuration = RTCConfigurationBuilder::new()
-            .with_ice_servers(ctx.config.ice_servers.clone())
-            .build();
+        let mut configuration =
+            RTCConfigurationBuilder::new().with_ice_servers(ctx.config.ice_servers.clone());
+        if ctx.config.relay_only {
+            configuration = configuration.with_ice_transport_policy(RTCIceTransportPolicy::Relay);
+        }
+        let configuration = configuration.build();
 
         let (state_tx, state_rx) = watch::channel(RTCPeerConnectionState::New);
         let connected_at = Arc::new(Mutex::new(None));
