@@ -42,6 +42,7 @@ const PATH_LABELS = Object.freeze({
   connecting: 'connecting…',
   reconnecting: 'reconnecting…',
   p2p: 'peer-to-peer',
+  relayed: 'relayed',
   sfu: 'via server',
   switching: 'switching…',
   unsupported: 'unsupported mode',
@@ -83,6 +84,17 @@ function candidateFromWire(wire) {
   };
 }
 
+/**
+ * `?relay=1`: gather and use relay (TURN) candidates only, as a client
+ * behind a network with no direct path would end up doing.
+ */
+const RELAY_ONLY = new URLSearchParams(location.search).get('relay') === '1';
+
+/** The RTCConfiguration of every peer connection. */
+function rtcConfiguration(iceServers, extra = {}) {
+  return { iceServers, ...(RELAY_ONLY ? { iceTransportPolicy: 'relay' } : {}), ...extra };
+}
+
 /** `joined.ice_servers` → RTCIceServer[]. */
 function iceServersFromWire(list) {
   if (!Array.isArray(list)) return [];
@@ -94,6 +106,18 @@ function iceServersFromWire(list) {
       if (s.credential != null) server.credential = s.credential;
       return server;
     });
+}
+
+/** Whether a stats report's selected candidate pair has a relay (TURN) candidate on either end. */
+function selectedPairRelayed(report) {
+  if (!report) return false;
+  let pair = null;
+  for (const s of report.values()) {
+    if (s.type === 'transport' && s.selectedCandidatePairId) pair = report.get(s.selectedCandidatePairId);
+  }
+  if (!pair) return false;
+  const type = (id) => report.get(id)?.candidateType;
+  return type(pair.localCandidateId) === 'relay' || type(pair.remoteCandidateId) === 'relay';
 }
 
 /** The media sections of an SDP, in order: `{ kind, mid }`. */
@@ -413,7 +437,7 @@ class PeerLink {
     this.failedReported = false;
     this.remoteStream = null;
 
-    const pc = new RTCPeerConnection({ iceServers });
+    const pc = new RTCPeerConnection(rtcConfiguration(iceServers));
     this.pc = pc;
     pc.addEventListener('negotiationneeded', () => this.negotiate());
     pc.addEventListener('icecandidate', (e) => this.sendCandidate(e.candidate));
@@ -604,7 +628,7 @@ class ServerLeg {
     this.chain = Promise.resolve();
     this.offersAnswered = 0;
 
-    const pc = new RTCPeerConnection({ iceServers, bundlePolicy: 'max-bundle' });
+    const pc = new RTCPeerConnection(rtcConfiguration(iceServers, { bundlePolicy: 'max-bundle' }));
     this.pc = pc;
     // The server makes every offer: `negotiationneeded` is ignored on purpose.
     pc.addEventListener('icecandidate', (e) => this.sendCandidate(e.candidate));
@@ -778,6 +802,7 @@ class Session {
     this.counters = new Map(); // receiving track id → { value, epoch, risen }
     this.decodingSince = new Map(); // `${member}/${path}` → performance.now() when first seen decoding
     this.readySent = new Set(); // epochs we sent media_ready for
+    this.directRelayed = false; // the direct leg's selected pair has a relay candidate
     this.p2pFailedSent = false;
     this.ended = false;
     this.leaving = false;
@@ -1162,6 +1187,8 @@ class Session {
     const epoch = this.mode?.epoch;
     const pcs = [this.serverLeg?.pc, this.link?.pc].filter((pc) => pc && pc.connectionState !== 'closed');
     const reports = await Promise.all(pcs.map((pc) => pc.getStats().catch(() => null)));
+    const linkIndex = pcs.indexOf(this.link?.pc);
+    this.directRelayed = linkIndex >= 0 && selectedPairRelayed(reports[linkIndex]);
     const seen = new Set();
     for (const report of reports) {
       if (!report) continue;
@@ -1348,7 +1375,7 @@ class Session {
       case 'p2p': {
         if (!peer) return 'waiting';
         const state = this.link?.pc.connectionState;
-        if (state === 'connected') return 'p2p';
+        if (state === 'connected') return this.directRelayed ? 'relayed' : 'p2p';
         if (state === 'disconnected' || state === 'failed') return 'reconnecting';
         return 'connecting';
       }
@@ -1399,6 +1426,8 @@ class Session {
       }),
       path,
       pathLabel: PATH_LABELS[path],
+      relayOnly: RELAY_ONLY,
+      directRelayed: this.directRelayed,
       connectionState: this.link?.pc.connectionState ?? null,
       iceConnectionState: this.link?.pc.iceConnectionState ?? null,
       signalingState: this.link?.pc.signalingState ?? null,
@@ -1470,6 +1499,7 @@ $('join-form').addEventListener('submit', (e) => {
   const { token } = readJoinParams();
   const params = new URLSearchParams({ room, name });
   if (token) params.set('token', token);
+  if (RELAY_ONLY) params.set('relay', '1');
   history.pushState(null, '', `/?${params}`);
   startSession({ room, name, token });
 });
