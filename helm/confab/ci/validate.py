@@ -101,6 +101,19 @@ check("secretKeyRef" in e["CONFAB_JWT_SECRET"]["valueFrom"], "secret from a Secr
 check(objs[("Deployment", "confab")]["spec"]["strategy"] == {"type": "Recreate"}, "Recreate")
 check(("Service", "confab-media") not in objs, "no media Service with hostNetwork")
 check("UDP port 7882" in notes and "status.hostIP" in notes, "NOTES name the UDP port and the node IP")
+check(p["turn"] == {"name": "turn", "containerPort": 3478, "hostPort": 3478, "protocol": "UDP"}, f"turn port {p.get('turn')}")
+check(e["CONFAB_TURN_PORT"]["value"] == "3478" and e["CONFAB_TURN_RELAY_PORTS"]["value"] == "49152-65535", "TURN port and relay range")
+check("CONFAB_NO_TURN" not in e and "CONFAB_TURN_SECRET" not in e and "CONFAB_TURN_EXTERNAL" not in e, "embedded TURN, random secret")
+
+# TURN with a secret from a Secret and an external coturn.
+objs, _ = case("turn secret + external", merge(SECRET, {
+    "turn": {"existingSecret": "confab-turn", "external": ["turn:turn.example.org:3478?transport=udp"], "userQuota": 4}}))
+e = env(objs)
+check(e["CONFAB_TURN_SECRET"]["valueFrom"] == {"secretKeyRef": {"name": "confab-turn", "key": "turn-secret"}}, "TURN secret from a Secret")
+check(e["CONFAB_TURN_EXTERNAL"]["value"] == "turn:turn.example.org:3478?transport=udp", "external TURN URL")
+check(e["CONFAB_TURN_USER_QUOTA"]["value"] == "4", "user quota")
+must_fail("turn external without a secret", merge(SECRET, {"turn": {"external": ["turn:t.example.org"]}}), "turn.external needs turn.existingSecret")
+must_fail("turn bad relay range", merge(SECRET, {"turn": {"relayPorts": "49152"}}), "turn.relayPorts")
 
 # Literal public IP with hostNetwork, mode settings.
 objs, notes = case("hostNetwork + publicIP + mode settings", merge(SECRET, {
@@ -121,6 +134,7 @@ spec, e, p = pod(objs), env(objs), ports(objs)
 svc = objs[("Service", "confab-media")]["spec"]
 check("hostNetwork" not in spec and "dnsPolicy" not in spec, "no hostNetwork")
 check("hostPort" not in p["http"] and "hostPort" not in p["media"], "no hostPorts")
+check("turn" not in p and e["CONFAB_NO_TURN"]["value"] == "true", "no embedded TURN without hostNetwork")
 check(p["media"]["protocol"] == "UDP" and p["media"]["containerPort"] == 31882, "media container port")
 check(svc["type"] == "NodePort" and svc["externalTrafficPolicy"] == "Local", "NodePort, Local")
 check(svc["ports"] == [{"name": "media", "port": 31882, "targetPort": "media", "protocol": "UDP", "nodePort": 31882}], f"media Service ports {svc['ports']}")

@@ -172,3 +172,19 @@ would leave the media port unreachable.
 {{- fail "confab: sfu.threshold must be at least 3 (the server refuses less); set sfu.neverP2P=true to route every room, pairs included, through the server" }}
 {{- end }}
 {{- end }}
+
+{{- define "confab.validateTurn" -}}
+{{- $turn := .Values.turn }}
+{{- if and $turn.external (not $turn.existingSecret) }}
+{{- fail "confab: turn.external needs turn.existingSecret: the external TURN servers check the credentials confab hands out with that shared secret (coturn: use-auth-secret, static-auth-secret)" }}
+{{- end }}
+{{- if and $turn.enabled .Values.hostNetwork }}
+{{- $port := $turn.port | int }}
+{{- if or (lt $port 1) (gt $port 65535) }}
+{{- fail (printf "confab: turn.port must be a UDP port from 1 to 65535 (got %v)" $turn.port) }}
+{{- end }}
+{{- if not (regexMatch "^[0-9]+-[0-9]+$" ($turn.relayPorts | toString)) }}
+{{- fail (printf "confab: turn.relayPorts must look like \"49152-65535\" (got %q)" ($turn.relayPorts | toString)) }}
+{{- end }}
+{{- end }}
+{{- end }}
