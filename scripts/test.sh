@@ -3,9 +3,10 @@
 #   1. formatting and lints (cargo fmt --check, clippy -D warnings);
 #   2. one build of the server and of every test binary;
 #   3. the Rust unit and integration tests (real server, real sockets,
-#      webrtc-rs clients) and the browser tests (Playwright + Chromium),
-#      all inside a private network namespace that has only loopback, so
-#      that no test media ever leaves 127.0.0.1.
+#      webrtc-rs clients), the browser tests (Playwright + Chromium) and the
+#      interoperability test with aiortc (an independent Python WebRTC
+#      stack), all inside a private network namespace that has only
+#      loopback, so that no test media ever leaves 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,4 +30,4 @@ else
 fi
 
 echo "== tests (loopback-only network namespace)"
-CARGO_NET_OFFLINE=true "${ns[@]}" sh -c "ip link set lo up && $rust_tests && node --test tests/browser/"
+CARGO_NET_OFFLINE=true "${ns[@]}" sh -c "ip link set lo up && $rust_tests && node --test tests/browser/ && .venv-interop/bin/python tests/interop/aiortc_sfu.py"
