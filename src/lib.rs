@@ -21,6 +21,8 @@
 //! - [`turn_server`]: the embedded STUN/TURN server and the time-limited
 //!   TURN credentials handed out in `joined`.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`load`]: simulated WebRTC participants for load tests and the
+//!   in-memory leg pairs the forwarding benchmarks drive.
 //! - [`web`]: the embedded browser client.
 //!
 //! ## Life of a call
@@ -47,6 +49,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod load;
 pub mod media;
 pub mod metrics;
 pub mod room;

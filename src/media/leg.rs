@@ -42,7 +42,7 @@ use rtc::rtp_transceiver::{
 };
 use rtc::sansio::Protocol;
 
-use super::forwarder::{DownTrackParams, Forwarder};
+use super::forwarder::{DownTrackParams, Drop as FwdDrop, Forwarder, Verdict};
 use crate::signaling::protocol::LegState;
 
 /// Payload type of Opus on every leg (the server offers, so it chooses).
@@ -119,9 +119,9 @@ fn vp8() -> RTCRtpCodec {
 
 /// Marks inbound RTCP for delivery to the application: `rtc` keeps RTCP
 /// to its interceptors unless one of them asks for it, and the SFU needs
-/// subscribers' keyframe requests.
+/// subscribers' keyframe requests (and a load-test publisher its PLIs).
 #[derive(Default)]
-struct DeliverRtcp {
+pub(crate) struct DeliverRtcp {
     read: std::collections::VecDeque<TaggedPacket>,
     write: std::collections::VecDeque<TaggedPacket>,
 }
@@ -167,7 +167,23 @@ impl Interceptor for DeliverRtcp {
 
 /// Slot of [`DeliverRtcp`] in the interceptor chain (after the built-in
 /// ones, which keep seeing every RTCP packet).
-const DELIVER_RTCP_SLOT: u32 = 14_000;
+pub(crate) const DELIVER_RTCP_SLOT: u32 = 14_000;
+
+/// What became of one packet offered to one subscriber's downtrack
+/// ([`Leg::forward`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwarded {
+    /// Rewritten and handed to the engine (interceptors, SRTP); its
+    /// datagram is waiting in `poll_write`.
+    Sent,
+    /// This leg has no downtrack of that publisher, or it is not connected
+    /// or not negotiated yet.
+    NotReady,
+    /// The downtrack waits for a keyframe: ask the publisher for one.
+    WaitingForKeyframe,
+    /// Dropped by the forwarder (too old) or refused by the engine.
+    Dropped,
+}
 
 /// One publisher track as sent to this leg's participant.
 #[derive(Debug)]
@@ -457,6 +473,63 @@ impl Leg {
     /// Whether `downtrack` has been negotiated and can carry media.
     pub fn downtrack_ready(&self, downtrack: &DownTrack) -> bool {
         self.state == LegState::Connected && downtrack.offered_in <= self.answered_generation
+    }
+
+    /// The per-subscriber hot path: offers one of `publisher`'s packets to
+    /// this leg's downtrack of that `kind`; on [`Verdict::Send`] rewrites
+    /// SSRC, payload type, sequence number and timestamp in a clone of the
+    /// packet (the payload is shared, not copied) and writes it to the
+    /// sender, which runs the interceptors and SRTP. `micros` is a
+    /// monotonic clock reading for the forwarder.
+    pub fn forward(
+        &mut self,
+        publisher: &str,
+        kind: Kind,
+        packet: &rtc::rtp::Packet,
+        keyframe: bool,
+        now: Instant,
+        micros: u64,
+    ) -> Forwarded {
+        let Some(tracks) = self.downtracks.get(publisher) else {
+            return Forwarded::NotReady;
+        };
+        if !self.downtrack_ready(&tracks[kind as usize]) {
+            return Forwarded::NotReady;
+        }
+        let Some(tracks) = self.downtracks.get_mut(publisher) else {
+            return Forwarded::NotReady;
+        };
+        let dt = &mut tracks[kind as usize];
+        let h = &packet.header;
+        match dt
+            .forwarder
+            .forward(h.ssrc, h.sequence_number, h.timestamp, keyframe, micros)
+        {
+            Verdict::Send {
+                sequence,
+                timestamp,
+            } => {
+                let params = dt.forwarder.params();
+                let sender = dt.sender;
+                let mut packet = packet.clone();
+                packet.header.ssrc = params.ssrc;
+                packet.header.payload_type = params.payload_type;
+                packet.header.sequence_number = sequence;
+                packet.header.timestamp = timestamp;
+                let Some(mut s) = self.pc.rtp_sender(sender) else {
+                    return Forwarded::Dropped;
+                };
+                match s.write_rtp(now, packet) {
+                    Ok(()) => Forwarded::Sent,
+                    Err(e) => {
+                        tracing::trace!(error = %e, "write_rtp failed");
+                        Forwarded::Dropped
+                    }
+                }
+            }
+            Verdict::Drop(FwdDrop::WaitingForKeyframe) => Forwarded::WaitingForKeyframe,
+            Verdict::Drop(FwdDrop::TooOld) => Forwarded::Dropped,
+        }
     }
 
     /// Asks the participant for a keyframe on its published video.

@@ -32,8 +32,7 @@ use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-use super::forwarder::{Drop as FwdDrop, Verdict};
-use super::leg::{Kind, Leg};
+use super::leg::{Forwarded, Kind, Leg};
 use super::{stun, vp8};
 use crate::metrics::Metrics;
 use crate::signaling::protocol::{IceCandidate, LegState};
@@ -761,8 +760,6 @@ impl Sfu {
         let Some(router) = self.routers.get(&f.router) else {
             return;
         };
-        let h = &f.packet.header;
-        let (ssrc, sequence, timestamp) = (h.ssrc, h.sequence_number, h.timestamp);
         let bytes = f.packet.payload.len() as u64;
         let mut sent = 0u64;
         for (subscriber, key) in &router.legs {
@@ -772,44 +769,21 @@ impl Sfu {
             let Some(entry) = self.legs.get_mut(key) else {
                 continue;
             };
-            let leg = &mut entry.leg;
-            let Some(tracks) = leg.downtracks.get(&f.publisher) else {
-                continue;
-            };
-            if !leg.downtrack_ready(&tracks[f.kind as usize]) {
-                continue;
-            }
-            let Some(tracks) = leg.downtracks.get_mut(&f.publisher) else {
-                continue;
-            };
-            let dt = &mut tracks[f.kind as usize];
-            match dt
-                .forwarder
-                .forward(ssrc, sequence, timestamp, f.keyframe, micros)
+            match entry
+                .leg
+                .forward(&f.publisher, f.kind, &f.packet, f.keyframe, now, micros)
             {
-                Verdict::Send {
-                    sequence,
-                    timestamp,
-                } => {
-                    let params = dt.forwarder.params();
-                    let sender = dt.sender;
-                    let mut packet = f.packet.clone();
-                    packet.header.ssrc = params.ssrc;
-                    packet.header.payload_type = params.payload_type;
-                    packet.header.sequence_number = sequence;
-                    packet.header.timestamp = timestamp;
-                    if let Some(mut s) = leg.pc().rtp_sender(sender) {
-                        match s.write_rtp(now, packet) {
-                            Ok(()) => sent += 1,
-                            Err(e) => tracing::trace!(error = %e, "write_rtp failed"),
-                        }
-                    }
+                Forwarded::Sent => {
+                    sent += 1;
                     self.dirty.insert(*key);
                 }
-                Verdict::Drop(FwdDrop::WaitingForKeyframe) => {
+                Forwarded::WaitingForKeyframe => {
                     keyframe_requests.push((f.router, f.publisher.clone()));
                 }
-                Verdict::Drop(FwdDrop::TooOld) => {}
+                Forwarded::Dropped => {
+                    self.dirty.insert(*key);
+                }
+                Forwarded::NotReady => {}
             }
         }
         if sent > 0 {
