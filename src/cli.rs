@@ -29,6 +29,9 @@ enum Cmd {
     Serve(Box<ServeArgs>),
     /// Print a join token for a room and identity.
     Token(TokenArgs),
+    /// Load-test a server on loopback with simulated WebRTC participants
+    /// (bounded; see docs/benchmarks.md).
+    Load(Box<crate::load::LoadArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -286,6 +289,7 @@ pub fn run() -> i32 {
             0
         }
         Cmd::Serve(args) => serve((*args).into_config()),
+        Cmd::Load(args) => crate::load::run(*args),
     }
 }
 

@@ -21,8 +21,8 @@
 //! - [`turn_server`]: the embedded STUN/TURN server and the time-limited
 //!   TURN credentials handed out in `joined`.
 //! - [`metrics`]: Prometheus metrics.
-//! - [`load`]: simulated WebRTC participants for load tests and the
-//!   in-memory leg pairs the forwarding benchmarks drive.
+//! - [`load`]: `confab load`, the load generator, and the in-memory leg
+//!   pairs the forwarding benchmarks drive.
 //! - [`web`]: the embedded browser client.
 //!
 //! ## Life of a call
