@@ -68,7 +68,7 @@ impl Server {
         )
         .await?;
         let media_addr = sfu_handle.advertised_addr();
-        let (turn, ice_servers) = start_turn(&config, &metrics).await?;
+        let (turn, ice_servers) = start_turn(&config, &metrics, media_addr).await?;
         let rooms = Arc::new(Rooms::new(
             RoomSettings {
                 max_participants: config.limits.max_participants,
@@ -168,6 +168,7 @@ impl Server {
 async fn start_turn(
     config: &Config,
     metrics: &Arc<Metrics>,
+    sfu: SocketAddr,
 ) -> Result<(Option<TurnServer>, IceServerList), String> {
     let t = &config.turn;
     let secret: Vec<u8> = match &t.secret {
@@ -191,8 +192,11 @@ async fn start_turn(
                 secret: secret.clone(),
                 user_quota: t.user_quota,
                 total_quota: t.total_quota,
+                // The SFU's own address is always reachable through the
+                // relay: relay-only clients need it for their server leg.
                 policy: PeerPolicy {
                     allow_loopback: t.allow_loopback,
+                    exceptions: vec![sfu],
                 },
             },
             Arc::clone(metrics),

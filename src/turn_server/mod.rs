@@ -328,14 +328,22 @@ impl Gate {
     }
 
     /// Whether the message's peer address (the first XOR-PEER-ADDRESS,
-    /// the one `turn` 0.17 acts on) is one the relay may reach.
+    /// the one `turn` 0.17 acts on) is one the relay may reach: for a
+    /// permission its IP, otherwise IP and port.
     fn peer_allowed(&self, m: &Message) -> bool {
         if !m.contains(ATTR_XOR_PEER_ADDRESS) {
             return true; // the crate refuses it
         }
         let mut peer = PeerAddress::default();
         match peer.get_from(m) {
-            Ok(()) => self.shared.settings.policy.allows(peer.ip),
+            Ok(()) if m.typ.method == METHOD_CREATE_PERMISSION => {
+                self.shared.settings.policy.allows_permission(peer.ip)
+            }
+            Ok(()) => self
+                .shared
+                .settings
+                .policy
+                .allows_addr(SocketAddr::new(peer.ip, peer.port)),
             Err(_) => true, // the crate refuses it
         }
     }
@@ -576,7 +584,7 @@ impl Conn for RelayConn {
                 return Err(std::io::Error::other("allocation closed").into());
             }
             match self.socket.recv_from(buf).await {
-                Ok((n, from)) if self.shared.settings.policy.allows(from.ip()) => {
+                Ok((n, from)) if self.shared.settings.policy.allows_addr(from) => {
                     self.count("from_peer", n);
                     return Ok((n, from));
                 }
@@ -599,7 +607,7 @@ impl Conn for RelayConn {
     }
 
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
-        if !self.shared.settings.policy.allows(target.ip()) {
+        if !self.shared.settings.policy.allows_addr(target) {
             self.shared
                 .metrics
                 .turn_dropped

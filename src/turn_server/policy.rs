@@ -6,17 +6,43 @@
 //! The relay therefore refuses every address that is not a public unicast
 //! address; `allow_loopback` admits 127.0.0.0/8 and ::1 for tests and local
 //! demos, where both browsers and the server share one machine.
+//!
+//! One exception is always made: the server's own SFU media address (its
+//! exact IP and port), which a relay-only client must reach for its server
+//! leg even when that address is a private one (an on-premise deployment).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// The relay's rule for peer addresses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PeerPolicy {
     /// Admit loopback peers (development only).
     pub allow_loopback: bool,
+    /// Exact transport addresses admitted whatever their IP: the SFU's.
+    pub exceptions: Vec<SocketAddr>,
 }
 
 impl PeerPolicy {
+    /// Whether the relay may exchange packets with `addr`.
+    pub fn allows_addr(&self, addr: SocketAddr) -> bool {
+        self.allows(addr.ip())
+            || self
+                .exceptions
+                .iter()
+                .any(|e| e.port() == addr.port() && canonical(e.ip()) == canonical(addr.ip()))
+    }
+
+    /// Whether a permission (which names an IP only; the relay checks the
+    /// port of every packet with [`PeerPolicy::allows_addr`]) may be
+    /// installed for `ip`.
+    pub fn allows_permission(&self, ip: IpAddr) -> bool {
+        self.allows(ip)
+            || self
+                .exceptions
+                .iter()
+                .any(|e| canonical(e.ip()) == canonical(ip))
+    }
+
     /// Whether the relay may exchange packets with `ip`.
     pub fn allows(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
@@ -124,9 +150,26 @@ mod tests {
     }
 
     #[test]
+    fn the_sfu_address_is_an_exact_exception() {
+        let sfu: SocketAddr = "10.0.0.5:7882".parse().unwrap();
+        let p = PeerPolicy {
+            allow_loopback: false,
+            exceptions: vec![sfu],
+        };
+        assert!(p.allows_addr(sfu));
+        assert!(p.allows_addr("[::ffff:10.0.0.5]:7882".parse().unwrap()));
+        assert!(!p.allows_addr("10.0.0.5:22".parse().unwrap()));
+        assert!(!p.allows_addr("10.0.0.6:7882".parse().unwrap()));
+        assert!(p.allows_permission(ip("10.0.0.5")));
+        assert!(!p.allows_permission(ip("10.0.0.6")));
+        assert!(!p.allows(ip("10.0.0.5")));
+    }
+
+    #[test]
     fn the_development_setting_admits_loopback_only() {
         let p = PeerPolicy {
             allow_loopback: true,
+            exceptions: Vec::new(),
         };
         assert!(p.allows(ip("127.0.0.1")));
         assert!(p.allows(ip("::1")));

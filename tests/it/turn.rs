@@ -460,28 +460,40 @@ async fn refusals_carry_401_486_and_403() {
 
     // 403: internal peers, loopback included without the development setting.
     for peer in [
-        "127.0.0.1:9",
+        "127.0.0.2:9",
         "10.0.0.7:5000",
         "169.254.169.254:80",
         "192.168.1.1:5000",
-        "[::ffff:127.0.0.1]:9",
+        "[::ffff:127.0.0.2]:9",
     ] {
         let r = a2.create_permission(peer.parse().unwrap()).await;
         assert_code(&r, 403, peer);
     }
+    let mut channel = 0x4000;
+    let mut bind = |peer: SocketAddr| {
+        channel += 1;
+        let attrs: Vec<Box<dyn Setter>> = vec![
+            Box::new(ChannelNumber(channel)),
+            Box::new(PeerAddress {
+                ip: peer.ip(),
+                port: peer.port(),
+            }),
+        ];
+        attrs
+    };
     let r = a2
-        .request(
-            METHOD_CHANNEL_BIND,
-            vec![
-                Box::new(ChannelNumber(0x4001)),
-                Box::new(PeerAddress {
-                    ip: "10.1.1.1".parse().unwrap(),
-                    port: 1,
-                }),
-            ],
-        )
+        .request(METHOD_CHANNEL_BIND, bind("10.1.1.1:1".parse().unwrap()))
         .await;
     assert_code(&r, 403, "channel bind to a private peer");
+    // The one exception: the server's own SFU address, exactly (here on
+    // loopback), which relay-only clients need for their server leg.
+    let r = a2
+        .request(METHOD_CHANNEL_BIND, bind(server.media_addr))
+        .await;
+    assert_success(&r, "channel bind to the SFU's media address");
+    let other_port = SocketAddr::new(server.media_addr.ip(), 9);
+    let r = a2.request(METHOD_CHANNEL_BIND, bind(other_port)).await;
+    assert_code(&r, 403, "channel bind to another port of the SFU's IP");
     // A public peer is fine (a permission sends nothing).
     assert_success(
         &a2.create_permission("192.0.43.10:5000".parse().unwrap())
@@ -490,17 +502,18 @@ async fn refusals_carry_401_486_and_403() {
     );
     assert_eq!(
         metric_labelled(&server, "confab_turn_refused_total", "forbidden_peer"),
-        6.0
+        7.0
     );
 
-    // A Send indication to an internal address is dropped: nothing relayed.
+    // A Send indication to an internal address is dropped: nothing relayed,
+    // although the channel to the SFU installed a permission for its IP.
     let mut send = Message::new();
     let setters: Vec<Box<dyn Setter>> = vec![
         Box::new(stun::agent::TransactionId::new()),
         Box::new(MessageType::new(METHOD_SEND, CLASS_INDICATION)),
         Box::new(PeerAddress {
-            ip: "10.0.0.7".parse().unwrap(),
-            port: 5000,
+            ip: other_port.ip(),
+            port: other_port.port(),
         }),
         Box::new(Data(b"hello".to_vec())),
     ];
