@@ -214,6 +214,11 @@ pub struct Sfu {
     next_key: LegKey,
     /// Legs with work to drain after the current input.
     dirty: HashSet<LegKey>,
+    /// Each leg's next timer as its engine last reported it. A deadline
+    /// moves only when the leg is fed or drained, and every leg that is
+    /// becomes dirty and is re-read in `flush`, so the loop never asks all
+    /// legs (each engine walks all its streams to answer).
+    timeouts: HashMap<LegKey, Instant>,
     started: Instant,
 }
 
@@ -264,6 +269,7 @@ impl Sfu {
             by_addr: HashMap::new(),
             next_key: 1,
             dirty: HashSet::new(),
+            timeouts: HashMap::new(),
             started: Instant::now(),
         };
         Ok((
@@ -283,10 +289,10 @@ impl Sfu {
         loop {
             let now = Instant::now();
             let next = self
-                .legs
-                .values_mut()
-                .filter_map(|e| e.leg.pc().poll_timeout())
+                .timeouts
+                .values()
                 .min()
+                .copied()
                 .unwrap_or(now + MAX_SLEEP)
                 .min(now + MAX_SLEEP);
             tokio::select! {
@@ -384,16 +390,24 @@ impl Sfu {
     fn on_timers(&mut self) {
         let now = Instant::now();
         let mut panicked = Vec::new();
-        for (key, entry) in self.legs.iter_mut() {
+        let due: Vec<LegKey> = self
+            .timeouts
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in due {
+            self.timeouts.remove(&key);
+            let Some(entry) = self.legs.get_mut(&key) else {
+                continue;
+            };
             let pc = entry.leg.pc();
-            if pc.poll_timeout().is_some_and(|t| t <= now) {
-                match catch_unwind(AssertUnwindSafe(|| pc.handle_timeout(now))) {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::debug!(error = %e, "leg timer error"),
-                    Err(_) => panicked.push(*key),
-                }
-                self.dirty.insert(*key);
+            match catch_unwind(AssertUnwindSafe(|| pc.handle_timeout(now))) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "leg timer error"),
+                Err(_) => panicked.push(key),
             }
+            self.dirty.insert(key);
         }
         for key in panicked {
             self.fail_leg(key, "panicked in a timer");
@@ -606,6 +620,7 @@ impl Sfu {
             self.by_ufrag.remove(&entry.leg.ufrag);
             self.by_addr.retain(|_, k| *k != key);
             self.dirty.remove(&key);
+            self.timeouts.remove(&key);
             self.metrics.legs.dec();
         }
     }
@@ -815,6 +830,10 @@ impl Sfu {
                     tracing::trace!(error = %e, %to, "media send failed");
                 }
             }
+            match entry.leg.pc().poll_timeout() {
+                Some(t) => self.timeouts.insert(key, t),
+                None => self.timeouts.remove(&key),
+            };
         }
     }
 }
