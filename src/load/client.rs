@@ -24,9 +24,12 @@ use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
-use rtc::interceptor::{Registry, Slot};
+use rtc::interceptor::{NackResponderBuilder, Registry, Slot};
 use rtc::media_stream::MediaStreamTrack;
-use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::interceptor_registry::{
+    configure_rtcp_reports, configure_simulcast_extension_headers, configure_twcc_receiver_only,
+    register_default_interceptors,
+};
 use rtc::peer_connection::configuration::media_engine::{
     MediaEngine, MIME_TYPE_OPUS, MIME_TYPE_VP8,
 };
@@ -38,8 +41,8 @@ use rtc::peer_connection::transport::{
 };
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
-    RtpCodecKind,
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
+    RTCRtpEncodingParameters, RtpCodecKind,
 };
 use rtc::rtp_transceiver::RTCRtpSenderId;
 
@@ -210,12 +213,26 @@ fn err(e: impl std::fmt::Display) -> String {
 
 impl Endpoint {
     /// An endpoint whose host candidate is `local`, publishing the kinds
-    /// in `publish` (`[audio, video]`).
+    /// in `publish` (`[audio, video]`), with `rtc`'s default interceptors.
     pub fn new(
         name: &str,
         local: SocketAddr,
         publish: [bool; 2],
         srtp: SrtpChoice,
+        now: Instant,
+    ) -> Result<Endpoint, String> {
+        Endpoint::with_nack(name, local, publish, srtp, true, now)
+    }
+
+    /// As [`Endpoint::new`]; without `nack` the endpoint never asks for
+    /// retransmissions (for a receiver that decrypts only some packets:
+    /// the skipped ones would look lost).
+    pub fn with_nack(
+        name: &str,
+        local: SocketAddr,
+        publish: [bool; 2],
+        srtp: SrtpChoice,
+        nack: bool,
         now: Instant,
     ) -> Result<Endpoint, String> {
         let profile = match srtp {
@@ -241,7 +258,27 @@ impl Endpoint {
             Slot::from(DELIVER_RTCP_SLOT as usize),
             DeliverRtcp::default(),
         );
-        let registry = register_default_interceptors(registry, &mut media_engine).map_err(err)?;
+        let registry = if nack {
+            register_default_interceptors(registry, &mut media_engine).map_err(err)?
+        } else {
+            // The defaults less the NACK generator: NACK is still
+            // negotiated (so the server buffers for retransmission as it
+            // does for a browser), it is just never asked for.
+            for parameter in ["", "pli"] {
+                media_engine.register_feedback(
+                    RTCPFeedback {
+                        typ: "nack".to_owned(),
+                        parameter: parameter.to_owned(),
+                    },
+                    RtpCodecKind::Video,
+                );
+            }
+            let registry = registry.with(Slot::NackResponder, NackResponderBuilder::new().build());
+            configure_simulcast_extension_headers(&mut media_engine).map_err(err)?;
+            let registry =
+                configure_twcc_receiver_only(registry, &mut media_engine).map_err(err)?;
+            configure_rtcp_reports(registry)
+        };
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_setting_engine(setting_engine)

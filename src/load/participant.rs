@@ -88,6 +88,27 @@ impl Window {
 /// Most latency samples kept per window (bounds memory: 4 bytes each).
 const MAX_SAMPLES: usize = 20_000_000;
 
+/// Receive counters from clear SRTP headers (sequence numbers per
+/// subscriber stream), kept when receivers decrypt only a sample: running
+/// totals, read at the start and end of a window.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HeaderCounts {
+    /// Datagrams received.
+    pub received: u64,
+    /// Datagrams expected: the advance of each stream's highest extended
+    /// sequence number (plus its first packet).
+    pub expected: u64,
+    /// Received below their stream's highest sequence number.
+    pub reordered: u64,
+    /// Bytes received (SRTP datagrams).
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SeqState {
+    highest: u64,
+}
+
 /// The generator's shared state.
 #[derive(Debug)]
 pub struct Stats {
@@ -107,8 +128,12 @@ pub struct Stats {
     /// When the last offer from the server arrived (renegotiations after
     /// joins go on for a while after the legs connect).
     pub last_offer: Option<Instant>,
+    /// Header-based receive totals (sampled decryption only).
+    pub headers: HeaderCounts,
+    streams: HashMap<(u32, u32), SeqState>,
     /// Next publisher tag.
     next_tag: u32,
+    next_participant: u32,
 }
 
 impl Stats {
@@ -122,13 +147,56 @@ impl Stats {
             join_times: Vec::new(),
             failures: Vec::new(),
             last_offer: None,
+            headers: HeaderCounts::default(),
+            streams: HashMap::new(),
             next_tag: 1,
+            next_participant: 0,
         }
     }
 
     fn us(&self, t: Instant) -> u64 {
         t.duration_since(self.epoch).as_micros() as u64
     }
+
+    /// Counts one RTP datagram of `participant` by its clear header.
+    fn count_header(&mut self, participant: u32, ssrc: u32, seq: u16, bytes: usize) {
+        let h = &mut self.headers;
+        h.received += 1;
+        h.bytes += bytes as u64;
+        match self.streams.get_mut(&(participant, ssrc)) {
+            None => {
+                h.expected += 1;
+                self.streams.insert(
+                    (participant, ssrc),
+                    SeqState {
+                        highest: (1 << 32) + u64::from(seq),
+                    },
+                );
+            }
+            Some(s) => {
+                let delta = seq.wrapping_sub(s.highest as u16) as i16;
+                let ext = (s.highest as i64 + i64::from(delta)) as u64;
+                if ext > s.highest {
+                    h.expected += ext - s.highest;
+                    s.highest = ext;
+                } else {
+                    h.reordered += 1;
+                }
+            }
+        }
+    }
+}
+
+/// SSRC and sequence number of an SRTP datagram (RTP header in clear);
+/// `None` for STUN, DTLS and RTCP (RFC 7983, RFC 5761).
+fn rtp_header(data: &[u8]) -> Option<(u32, u16)> {
+    if data.len() < 12 || data[0] >> 6 != 2 || (192..=223).contains(&data[1]) {
+        return None;
+    }
+    Some((
+        u32::from_be_bytes([data[8], data[9], data[10], data[11]]),
+        u16::from_be_bytes([data[2], data[3]]),
+    ))
 }
 
 impl Default for Stats {
@@ -152,6 +220,10 @@ pub struct JoinSpec {
     pub srtp: SrtpChoice,
     /// Give up joining after this long.
     pub join_timeout: Duration,
+    /// Hand only every n-th incoming RTP datagram to the engine for
+    /// decryption (1: all); the rest are counted from their clear RTP
+    /// header (see [`HeaderCounts`]).
+    pub decrypt_every: u32,
 }
 
 struct Publisher {
@@ -206,7 +278,21 @@ async fn run_inner(
         Some(p) => [p.audio, p.video_bps > 0],
         None => [false, false],
     };
-    let mut ep = Endpoint::new(&spec.name, local, publish, spec.srtp, Instant::now())?;
+    let decrypt_every = spec.decrypt_every.max(1);
+    let mut ep = Endpoint::with_nack(
+        &spec.name,
+        local,
+        publish,
+        spec.srtp,
+        decrypt_every == 1,
+        Instant::now(),
+    )?;
+    let me = {
+        let mut s = stats.borrow_mut();
+        s.next_participant += 1;
+        s.next_participant
+    };
+    let mut rtp_seen = 0u32;
     let (mut ws, _) = tokio::time::timeout(
         spec.join_timeout,
         tokio_tungstenite::connect_async(format!("ws://{}/ws", spec.http)),
@@ -281,9 +367,11 @@ async fn run_inner(
                     *last = (*last).max(stamp.seq);
                     if let Some(w) = st.window.as_mut() {
                         if w.contains(stamp.sent_us) {
-                            w.received += 1;
-                            w.received_bytes += bytes;
-                            w.reordered += u64::from(reordered);
+                            if decrypt_every == 1 {
+                                w.received += 1;
+                                w.received_bytes += bytes;
+                                w.reordered += u64::from(reordered);
+                            }
                             if w.latencies_us.len() < MAX_SAMPLES {
                                 let d = now_us.saturating_sub(stamp.sent_us);
                                 w.latencies_us.push(d.min(u64::from(u32::MAX)) as u32);
@@ -324,11 +412,23 @@ async fn run_inner(
             }
             received = socket.recv_from(&mut buf) => {
                 if let Ok((len, from)) = received {
-                    feed(&mut ep, local, from, &buf[..len]);
+                    let mut take = |ep: &mut Endpoint, data: &[u8], from| {
+                        if decrypt_every > 1 {
+                            if let Some((ssrc, seq)) = rtp_header(data) {
+                                stats.borrow_mut().count_header(me, ssrc, seq, data.len());
+                                rtp_seen = rtp_seen.wrapping_add(1);
+                                if rtp_seen % decrypt_every != 0 {
+                                    return;
+                                }
+                            }
+                        }
+                        feed(ep, local, from, data);
+                    };
+                    take(&mut ep, &buf[..len], from);
                     // Drain what else is queued before the next turn.
                     for _ in 0..64 {
                         match socket.try_recv_from(&mut buf) {
-                            Ok((len, from)) => feed(&mut ep, local, from, &buf[..len]),
+                            Ok((len, from)) => take(&mut ep, &buf[..len], from),
                             Err(_) => break,
                         }
                     }
