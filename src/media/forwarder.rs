@@ -114,6 +114,15 @@ impl Forwarder {
         self.forwarded
     }
 
+    /// Stops forwarding the current source without forgetting where the
+    /// output stands: the next packet restarts the stream as a source
+    /// switch does (video on a keyframe), continuing sequence numbers and
+    /// timestamps, so that packets deliberately not sent while paused leave
+    /// no hole a receiver would wait for or NACK in vain.
+    pub fn pause(&mut self) {
+        self.source = None;
+    }
+
     /// Decides about one packet: `ssrc`, `sequence`, `timestamp` from its
     /// header, `keyframe` from the publisher's codec parser, `now_micros`
     /// from a monotonic clock.
@@ -285,6 +294,32 @@ mod tests {
             f.forward(7, 1002, 96_000, false, 1_170_000),
             Verdict::Drop(Drop::WaitingForKeyframe)
         );
+    }
+
+    #[test]
+    fn a_pause_leaves_no_hole_and_waits_for_a_keyframe() {
+        let mut f = Forwarder::new(VIDEO);
+        send(f.forward(7, 10, 0, true, 0));
+        let (s, t) = send(f.forward(7, 11, 3000, false, 33_000));
+        f.pause();
+        // Packets 12..=40 are not offered while paused (the subscriber was
+        // unreachable); the stream resumes at a keyframe.
+        assert_eq!(
+            f.forward(7, 41, 90_000, false, 1_000_000),
+            Verdict::Drop(Drop::WaitingForKeyframe)
+        );
+        let (s2, t2) = send(f.forward(7, 42, 93_000, true, 1_033_000));
+        assert_eq!(s2, s.wrapping_add(1), "no sequence hole");
+        assert_eq!(
+            t2,
+            t.wrapping_add(90_000),
+            "timestamp advanced by the 1 s paused"
+        );
+        // Audio resumes at once.
+        let mut a = Forwarder::new(AUDIO);
+        let (s, _) = send(a.forward(9, 100, 0, false, 0));
+        a.pause();
+        assert_eq!(send(a.forward(9, 150, 48_000, false, 1_000_000)).0, s + 1);
     }
 
     #[test]

@@ -45,6 +45,11 @@ use rtc::sansio::Protocol;
 use super::forwarder::{DownTrackParams, Drop as FwdDrop, Forwarder, Verdict};
 use crate::signaling::protocol::LegState;
 
+/// Without STUN from the client for this long, a leg is `disconnected`.
+const ICE_DISCONNECTED_AFTER: std::time::Duration = std::time::Duration::from_secs(15);
+/// Without STUN for this long, a leg has `failed` (RFC 7675 consent: 30 s).
+const ICE_FAILED_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Payload type of Opus on every leg (the server offers, so it chooses).
 pub const PT_OPUS: u8 = 111;
 /// Payload type of VP8 on every leg.
@@ -218,6 +223,8 @@ pub struct Leg {
     renegotiate: bool,
     /// Current state, as reported to the room.
     pub state: LegState,
+    /// Has been connected at least once (ICE and DTLS up, SRTP keys known).
+    ever_connected: bool,
 }
 
 impl std::fmt::Debug for Leg {
@@ -268,6 +275,11 @@ impl Leg {
             .with_ice_credentials(ufrag.clone(), random_token(24))
             // GCM is about 4x cheaper per packet than AES-CM + SHA-1.
             .with_srtp_protection_profiles(profiles)
+            // The engine declares a leg disconnected after this long without
+            // STUN (media does not count), failed after the second. Clients
+            // may space consent checks 4-6 s apart (RFC 7675) and consent
+            // expires after 30 s: the defaults (5 s) flapped aiortc's legs.
+            .with_ice_timeouts(Some(ICE_DISCONNECTED_AFTER), Some(ICE_FAILED_AFTER), None)
             .build();
         let mut media_engine = MediaEngine::default();
         for (kind, codec) in [(Kind::Audio, opus()), (Kind::Video, vp8())] {
@@ -334,6 +346,7 @@ impl Leg {
             answered_generation: 0,
             renegotiate: false,
             state: LegState::Connecting,
+            ever_connected: false,
         })
     }
 
@@ -471,8 +484,36 @@ impl Leg {
     }
 
     /// Whether `downtrack` has been negotiated and can carry media.
+    ///
+    /// A leg that was connected and is now `disconnected` still gets media:
+    /// its ICE agent counts only STUN as a sign of life, while a client may
+    /// legitimately space its consent checks up to 6 s (RFC 7675) with
+    /// media flowing all along; consent lasts 30 s.
     pub fn downtrack_ready(&self, downtrack: &DownTrack) -> bool {
-        self.state == LegState::Connected && downtrack.offered_in <= self.answered_generation
+        let reachable = match self.state {
+            LegState::Connected => true,
+            LegState::Disconnected => self.ever_connected,
+            LegState::Connecting | LegState::Failed => false,
+        };
+        reachable && downtrack.offered_in <= self.answered_generation
+    }
+
+    /// Records a new state reported by the engine.
+    pub fn set_state(&mut self, state: LegState) {
+        if state == LegState::Connected {
+            self.ever_connected = true;
+        }
+        self.state = state;
+    }
+
+    /// Pauses every downtrack (forwarding stopped for the room): each
+    /// resumes without a sequence hole.
+    pub fn pause_downtracks(&mut self) {
+        for tracks in self.downtracks.values_mut() {
+            for t in tracks.iter_mut() {
+                t.forwarder.pause();
+            }
+        }
     }
 
     /// The per-subscriber hot path: offers one of `publisher`'s packets to
@@ -494,6 +535,10 @@ impl Leg {
             return Forwarded::NotReady;
         };
         if !self.downtrack_ready(&tracks[kind as usize]) {
+            // Whatever is skipped now must not become a hole later.
+            if let Some(tracks) = self.downtracks.get_mut(publisher) {
+                tracks[kind as usize].forwarder.pause();
+            }
             return Forwarded::NotReady;
         }
         let Some(tracks) = self.downtracks.get_mut(publisher) else {

@@ -516,11 +516,15 @@ impl Sfu {
                     return;
                 }
                 r.forwarding = on;
-                if on {
-                    // Every downtrack starts on a keyframe: ask for them now.
-                    let publishers: Vec<String> = r.legs.iter().map(|(p, _)| p.clone()).collect();
-                    for p in publishers {
-                        self.request_keyframe(router, &p, now, true);
+                let legs: Vec<(String, LegKey)> = r.legs.clone();
+                for (publisher, key) in legs {
+                    if on {
+                        // Every downtrack (re)starts on a keyframe: ask now.
+                        self.request_keyframe(router, &publisher, now, true);
+                    } else if let Some(entry) = self.legs.get_mut(&key) {
+                        // Nothing is forwarded until `on` again; resuming
+                        // must not leave sequence holes.
+                        entry.leg.pause_downtracks();
                     }
                 }
             }
@@ -676,7 +680,7 @@ impl Sfu {
                     RTCPeerConnectionEvent::OnConnectionStateChangeEvent(s) => {
                         if let Some(state) = Leg::leg_state(s) {
                             if state != leg.state {
-                                leg.state = state;
+                                leg.set_state(state);
                                 state_events.push((
                                     router,
                                     MediaEvent::LegState {

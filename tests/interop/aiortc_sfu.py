@@ -32,8 +32,7 @@ What the client does differently from a browser, and why (aiortc 1.16):
   transport (aiortc issue #1437), and the server, as RFC 8843 has it, lists
   them only in the tagged section.
 - Its ICE consent checks (RFC 7675: every 5 s, randomized to 4-6 s) are
-  pinned: to 4 s in the ordinary checks, to 6 s in the one that shows the
-  known server issue described at ``consent_pacing`` below.
+  pinned: to 4 s in the ordinary checks, to 6 s in ``consent_pacing``.
 """
 
 from __future__ import annotations
@@ -579,10 +578,6 @@ class CheckFailed(AssertionError):
     pass
 
 
-class KnownServerIssue(CheckFailed):
-    """A check that reproduces a known server bug failed the known way."""
-
-
 def expect(condition: bool, message: str) -> None:
     if not condition:
         raise CheckFailed(message)
@@ -814,17 +809,14 @@ CONSENT_WATCH_SECS = 14.0
 async def consent_pacing(server: Server, report: dict, clients: list[Client]) -> str:
     """Consent checks every 6 s, the longest interval RFC 7675 allows.
 
-    Known server issue: the leg's ICE agent (`rtc` 0.21.1) counts only
-    inbound STUN as a sign of life (its IceHandler passes DTLS/SRTP through
-    without touching the remote candidate's last-received time) and calls
-    the leg disconnected after 5 s without it (rtc-ice's default
-    disconnected timeout), while media flows the whole time. The SFU then
-    forwards nothing to that leg (`Leg::downtrack_ready` wants `Connected`)
-    until the next check arrives. The packets it skipped leave a gap in the
-    subscriber's sequence numbers that no retransmission fills (they were
-    never sent), and aiortc's jitter buffer waits for them: its video
-    freezes until 512 packets have piled up or a decoder error asks for a
-    keyframe.
+    The leg's ICE agent (`rtc` 0.21.1) counts only inbound STUN as a sign of
+    life, so with its default 5 s disconnected timeout a leg whose client
+    checks every 6 s was declared disconnected while media flowed, the SFU
+    stopped forwarding to it, and the skipped packets left a sequence gap
+    aiortc's jitter buffer waited on: 9 s video freezes. The server now
+    waits 15 s (30 s to failed, consent's lifetime), keeps forwarding to a
+    disconnected leg, and restarts a paused downtrack without a sequence
+    hole. This check guards all three.
     """
     CONSENT.fraction = 1.0
     try:
@@ -853,9 +845,7 @@ async def consent_pacing(server: Server, report: dict, clients: list[Client]) ->
                 for label, t in drops.items() if t]
     problems += [f"{k} video froze for {g} s" for k, g in gaps.items() if g > 1.0]
     if problems:
-        raise KnownServerIssue(
-            "; ".join(problems) + " (ICE liveness counts only STUN, 5 s timeout; no "
-            "forwarding to a leg that is not connected; see consent_pacing's docstring)")
+        raise CheckFailed("; ".join(problems) + " (see consent_pacing's docstring)")
     return (f"no disconnected leg and longest video gap {max(gaps.values())} s in "
             f"{CONSENT_WATCH_SECS:.0f} s with a consent check every "
             f"{ConsentPacing.interval(1.0):.0f} s")
@@ -890,12 +880,9 @@ async def main() -> int:
         import logging
         logging.basicConfig(level=logging.DEBUG,
                             format="%(relativeCreated)8.0f %(name)s %(message)s")
-    # A known server issue counts as a failure only when asked.
-    strict = os.environ.get("INTEROP_STRICT") == "1"
-
     report: dict = {"aiortc": aiortc.__version__, "aioice": aioice.__version__,
                     "av": av.__version__, "checks": {}}
-    passed = failed = known = 0
+    passed = failed = 0
     servers: dict[tuple, Server] = {}
     try:
         for name, flags, check, timeout in CHECKS:
@@ -917,14 +904,6 @@ async def main() -> int:
                 passed += 1
                 check_report["result"] = "passed"
                 print(f"ok - {name} ({time.monotonic() - started:.1f} s): {detail}", flush=True)
-            except KnownServerIssue as exc:
-                check_report["result"] = "known server issue"
-                if strict:
-                    failed += 1
-                    print(f"FAIL - {name}: {exc}", flush=True)
-                else:
-                    known += 1
-                    print(f"known server issue - {name}: {exc}", flush=True)
             except Exception as exc:  # noqa: BLE001
                 failed += 1
                 check_report["result"] = "failed"
@@ -950,9 +929,6 @@ async def main() -> int:
     if "srtp_profile" in two:
         print(f"figures: SRTP {two['srtp_profile']}, aiortc DTLS role {two['aiortc_dtls_role']}, "
               f"ms from join {two['timeline_ms_from_join']}, pairs {two['selected_pair']}")
-    if known:
-        print(f"interop: {known} known server issue(s) reproduced, not counted "
-              "(INTEROP_STRICT=1 counts them as failures)")
     print(f"interop: {passed} passed, {failed} failed")
     return 0 if failed == 0 and passed > 0 else 1
 
