@@ -290,6 +290,8 @@ pub struct Report {
     pub steps: Vec<StepReport>,
     /// Participants of the last step that reached the criteria.
     pub knee: Option<usize>,
+    /// Why the ladder stopped before its last step, if it did.
+    pub stopped: Option<String>,
     /// Failures (participants that did not join or broke).
     pub failures: Vec<String>,
 }
@@ -303,9 +305,11 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 }
 
 /// Runs `confab load`; returns the exit code.
+/// Exit code 3: the report was printed, but the ladder stopped early or
+/// participants failed.
 pub fn run(args: LoadArgs) -> i32 {
     match run_inner(args) {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("confab load: {e}");
             1
@@ -313,7 +317,7 @@ pub fn run(args: LoadArgs) -> i32 {
     }
 }
 
-fn run_inner(mut args: LoadArgs) -> Result<(), String> {
+fn run_inner(mut args: LoadArgs) -> Result<i32, String> {
     if args.steps.is_empty() {
         args.steps = match args.scenario {
             Scenario::Fanout => vec![10, 25, 50, 100],
@@ -346,7 +350,7 @@ fn run_inner(mut args: LoadArgs) -> Result<(), String> {
             Some(path) => write_json(path, &c)?,
             None => print_ceiling(&c),
         }
-        return Ok(());
+        return Ok(0);
     }
     // Threads spawned from here on (the runtime's) inherit the pinning.
     if let Some((_, g)) = pinned {
@@ -385,7 +389,8 @@ fn run_inner(mut args: LoadArgs) -> Result<(), String> {
         }
         None => print_report(&report),
     }
-    Ok(())
+    let clean = report.stopped.is_none() && report.failures.is_empty();
+    Ok(if clean { 0 } else { 3 })
 }
 
 fn write_json<T: Serialize>(path: &str, value: &T) -> Result<(), String> {
@@ -430,7 +435,8 @@ async fn orchestrate(
     let mut steps = Vec::new();
     let mut knee = None;
     let join_timeout = Duration::from_secs(args.join_timeout_secs);
-    for &step in &args.steps {
+    let mut stopped = None;
+    'ladder: for &step in &args.steps {
         // Who is in the room at this step: (total, publishers).
         let (total, pubs) = match args.scenario {
             Scenario::Fanout => (1 + step, 1),
@@ -440,7 +446,8 @@ async fn orchestrate(
         let joins_before = stats.borrow().join_times.len();
         while joined < total {
             if Instant::now() > deadline {
-                return Err("--max-secs reached while joining".into());
+                stopped = Some("--max-secs reached while joining".to_owned());
+                break 'ladder;
             }
             let batch = (total - joined).min(args.join_concurrency.max(1));
             let target = stats.borrow().connected + batch;
@@ -475,14 +482,16 @@ async fn orchestrate(
                         break;
                     }
                     if !s.failures.is_empty() {
-                        return Err(format!("participants failed: {:?}", s.failures));
+                        stopped = Some(format!("joining {total} members: a participant failed"));
+                        break 'ladder;
                     }
                 }
                 if Instant::now() > wait_until {
-                    return Err(format!(
-                        "only {} of {target} participants connected",
+                    stopped = Some(format!(
+                        "joining {total} members: only {} of {target} connected",
                         stats.borrow().connected
                     ));
+                    break 'ladder;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -512,7 +521,8 @@ async fn orchestrate(
         let mut windows = Vec::new();
         for _ in 0..args.repeat {
             if Instant::now() > deadline {
-                return Err("--max-secs reached".into());
+                stopped = Some("--max-secs reached".to_owned());
+                break 'ladder;
             }
             windows.push(measure_window(&stats, args.duration_secs, http, pid).await);
         }
@@ -556,6 +566,7 @@ async fn orchestrate(
         ceiling,
         steps,
         knee,
+        stopped,
         failures,
     })
 }
@@ -764,6 +775,9 @@ pub fn print_report(r: &Report) {
     match r.knee {
         Some(k) => println!("knee: {k} members (last step with loss < 0.1 % and p99 < 20 ms)"),
         None => println!("knee: none of the steps met loss < 0.1 % and p99 < 20 ms"),
+    }
+    if let Some(why) = &r.stopped {
+        println!("stopped early: {why}");
     }
     for f in &r.failures {
         println!("failure: {f}");

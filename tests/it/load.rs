@@ -38,6 +38,7 @@ fn load_generator_smoke() {
         )
     });
     assert_eq!(report["failures"].as_array().map(Vec::len), Some(0));
+    assert!(report["stopped"].is_null(), "{}", report["stopped"]);
     let steps = report["steps"].as_array().expect("steps");
     assert_eq!(steps.len(), 1);
     let step = &steps[0];
