@@ -66,13 +66,15 @@ pub struct LoadArgs {
     pub scenario: Scenario,
     /// Ladder steps, comma-separated: subscribers (fanout), members
     /// (meeting) or listeners (audio). Default: 10,25,50,100 / 4,8,16 /
-    /// 10,50,100.
+    /// 10,50,100; with `--ladder`, a longer climb: 10,25,50,100,150,200 /
+    /// 4,8,12,16,20,24,28,32 / 10,25,50,100,150,200.
     #[arg(long, value_delimiter = ',')]
     pub steps: Vec<usize>,
     /// Publishers in the audio scenario.
     #[arg(long, default_value_t = 4)]
     pub publishers: usize,
-    /// Stop at the first step past the knee (loss >= 0.1 % or p99 >= 20 ms).
+    /// Find the knee: climb the steps and stop at the first one past it
+    /// (loss >= 0.1 % or p99 >= 20 ms).
     #[arg(long)]
     pub ladder: bool,
     /// Seconds of each measurement window.
@@ -319,10 +321,12 @@ pub fn run(args: LoadArgs) -> i32 {
 
 fn run_inner(mut args: LoadArgs) -> Result<i32, String> {
     if args.steps.is_empty() {
-        args.steps = match args.scenario {
-            Scenario::Fanout => vec![10, 25, 50, 100],
-            Scenario::Meeting => vec![4, 8, 16],
-            Scenario::Audio => vec![10, 50, 100],
+        args.steps = match (args.scenario, args.ladder) {
+            (Scenario::Fanout, false) => vec![10, 25, 50, 100],
+            (Scenario::Meeting, false) => vec![4, 8, 16],
+            (Scenario::Audio, false) => vec![10, 50, 100],
+            (Scenario::Fanout | Scenario::Audio, true) => vec![10, 25, 50, 100, 150, 200],
+            (Scenario::Meeting, true) => vec![4, 8, 12, 16, 20, 24, 28, 32],
         };
     }
     if args.steps.windows(2).any(|w| w[1] < w[0]) || args.steps.contains(&0) {
