@@ -170,6 +170,7 @@ pub struct Endpoint {
     local: SocketAddr,
     tracks: [Option<Track>; 2],
     answered: u32,
+    candidate_added: bool,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -321,6 +322,7 @@ impl Endpoint {
             local,
             tracks,
             answered: 0,
+            candidate_added: false,
         })
     }
 
@@ -334,30 +336,60 @@ impl Endpoint {
         self.local
     }
 
+    fn add_host_candidate(&mut self) -> Result<(), String> {
+        if self.candidate_added {
+            return Ok(());
+        }
+        self.candidate_added = true;
+        let host = CandidateHostConfig {
+            base_config: CandidateConfig {
+                network: "udp".to_owned(),
+                address: self.local.ip().to_string(),
+                port: self.local.port(),
+                component: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .new_candidate_host()
+        .map_err(err)?;
+        self.pc
+            .add_local_candidate(RTCIceCandidate::from(&host).to_json().map_err(err)?)
+            .map_err(err)?;
+        self.pc
+            .add_local_candidate(RTCIceCandidateInit::default())
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// Creates an offer (for a server that answers, as Janus does for
+    /// publishers) and returns its SDP, with this endpoint's candidate.
+    pub fn offer(&mut self, now: Instant) -> Result<String, String> {
+        self.add_host_candidate()?;
+        let offer = self.pc.create_offer(None).map_err(err)?;
+        self.pc.set_local_description(now, offer).map_err(err)?;
+        self.pc
+            .local_description()
+            .map(|d| d.sdp)
+            .ok_or_else(|| "no local description after offer".to_owned())
+    }
+
+    /// Applies the answer to [`Endpoint::offer`].
+    pub fn accept_answer(&mut self, sdp: String, now: Instant) -> Result<(), String> {
+        let answer = RTCSessionDescription::answer(sdp).map_err(err)?;
+        self.pc.set_remote_description(now, answer).map_err(err)
+    }
+
+    /// Adds a trickled candidate of the remote end.
+    pub fn add_remote_candidate(&mut self, init: RTCIceCandidateInit) -> Result<(), String> {
+        self.pc.add_remote_candidate(init).map_err(err)
+    }
+
     /// Applies an offer from the server and returns the answer's SDP.
     pub fn answer(&mut self, offer_sdp: String, now: Instant) -> Result<String, String> {
         let offer = RTCSessionDescription::offer(offer_sdp).map_err(err)?;
         self.pc.set_remote_description(now, offer).map_err(err)?;
-        if self.answered == 0 {
-            let host = CandidateHostConfig {
-                base_config: CandidateConfig {
-                    network: "udp".to_owned(),
-                    address: self.local.ip().to_string(),
-                    port: self.local.port(),
-                    component: 1,
-                    ..Default::default()
-                },
-                ..Default::default()
-            }
-            .new_candidate_host()
-            .map_err(err)?;
-            self.pc
-                .add_local_candidate(RTCIceCandidate::from(&host).to_json().map_err(err)?)
-                .map_err(err)?;
-            self.pc
-                .add_local_candidate(RTCIceCandidateInit::default())
-                .map_err(err)?;
-        }
+        self.add_host_candidate()?;
         let answer = self.pc.create_answer(None).map_err(err)?;
         self.pc.set_local_description(now, answer).map_err(err)?;
         self.answered += 1;

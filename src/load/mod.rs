@@ -29,6 +29,7 @@
 
 pub mod ceiling;
 pub mod client;
+pub mod janus;
 pub mod memory;
 pub mod participant;
 pub mod probe;
@@ -119,6 +120,15 @@ pub struct LoadArgs {
     /// The attached server's pid, for its CPU time and memory.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Compare with Janus: join this Janus WebSocket (`host:port`,
+    /// VideoRoom plugin) instead of a Confab server (fanout only; give
+    /// its pid with --server-pid; forwarded packets are counted at the
+    /// subscribers). See docs/benchmarks.md for starting Janus on loopback.
+    #[arg(long)]
+    pub janus: Option<String>,
+    /// The Janus VideoRoom room.
+    #[arg(long, default_value_t = 1234)]
+    pub janus_room: u64,
     /// Core the started server is pinned to (taskset).
     #[arg(long, default_value_t = 0)]
     pub server_cpu: usize,
@@ -367,7 +377,11 @@ fn run_inner(mut args: LoadArgs) -> Result<i32, String> {
         Scenario::Meeting => 0,
         Scenario::Audio => args.publishers,
     } + args.steps.last().copied().unwrap_or(0);
+    if args.janus.is_some() && args.scenario != Scenario::Fanout {
+        return Err("--janus supports the fanout scenario only".into());
+    }
     let (server, http, pid) = match args.server {
+        _ if args.janus.is_some() => (None, SocketAddr::from(([127, 0, 0, 1], 1)), args.server_pid),
         Some(http) => (None, http, args.server_pid),
         None => {
             let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -474,6 +488,7 @@ async fn orchestrate(
                     srtp: args.srtp,
                     join_timeout,
                     decrypt_every: args.decrypt_every.max(1),
+                    janus: args.janus.clone().map(|a| (a, args.janus_room)),
                 };
                 joined += 1;
                 tokio::task::spawn_local(participant::run(spec, stats.clone(), stop_rx.clone()));
@@ -614,7 +629,11 @@ async fn measure_window(
         w.received_bytes = headers1.bytes - headers0.bytes;
     }
     let server_cpu = after.server_cpu_ns.saturating_sub(before.server_cpu_ns) as f64;
-    let forwarded = after.forwarded.saturating_sub(before.forwarded) as f64;
+    let forwarded = match after.forwarded.saturating_sub(before.forwarded) {
+        // No server counter (Janus): what the subscribers received.
+        0 => w.received as f64,
+        n => n as f64,
+    };
     let snap_elapsed = elapsed.max(1e-9);
     WindowReport {
         sent_pps: w.sent as f64 / elapsed,

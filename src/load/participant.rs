@@ -25,7 +25,10 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
+use rtc::peer_connection::transport::RTCIceCandidateInit;
+
 use super::client::{decode_payload, encode_payload, Endpoint, FramePart, SrtpChoice, Stamp};
+use super::janus;
 use crate::media::leg::Kind;
 
 /// What a publisher sends.
@@ -128,6 +131,8 @@ pub struct Stats {
     /// When the last offer from the server arrived (renegotiations after
     /// joins go on for a while after the legs connect).
     pub last_offer: Option<Instant>,
+    /// The Janus publisher's feed, once it publishes (subscribers wait).
+    pub janus_feed: Option<u64>,
     /// Header-based receive totals (sampled decryption only).
     pub headers: HeaderCounts,
     streams: HashMap<(u32, u32), SeqState>,
@@ -147,6 +152,7 @@ impl Stats {
             join_times: Vec::new(),
             failures: Vec::new(),
             last_offer: None,
+            janus_feed: None,
             headers: HeaderCounts::default(),
             streams: HashMap::new(),
             next_tag: 1,
@@ -224,6 +230,8 @@ pub struct JoinSpec {
     /// decryption (1: all); the rest are counted from their clear RTP
     /// header (see [`HeaderCounts`]).
     pub decrypt_every: u32,
+    /// Join a Janus VideoRoom instead (its WebSocket `host:port`, room).
+    pub janus: Option<(String, u64)>,
 }
 
 struct Publisher {
@@ -293,17 +301,57 @@ async fn run_inner(
         s.next_participant
     };
     let mut rtp_seen = 0u32;
-    let (mut ws, _) = tokio::time::timeout(
-        spec.join_timeout,
-        tokio_tungstenite::connect_async(format!("ws://{}/ws", spec.http)),
-    )
-    .await
-    .map_err(|_| "WebSocket connect timed out".to_owned())?
-    .map_err(|e| format!("WebSocket: {e}"))?;
-    let join = json!({"type": "join", "v": 2, "room": spec.room, "name": spec.name});
-    ws.send(Message::Text(join.to_string().into()))
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut janus_session: Option<janus::Session> = None;
+    let mut my_feed = None;
+    let mut ws = match &spec.janus {
+        None => {
+            let (mut ws, _) = tokio::time::timeout(
+                spec.join_timeout,
+                tokio_tungstenite::connect_async(format!("ws://{}/ws", spec.http)),
+            )
+            .await
+            .map_err(|_| "WebSocket connect timed out".to_owned())?
+            .map_err(|e| format!("WebSocket: {e}"))?;
+            let join = json!({"type": "join", "v": 2, "room": spec.room, "name": spec.name});
+            ws.send(Message::Text(join.to_string().into()))
+                .await
+                .map_err(|e| e.to_string())?;
+            ws
+        }
+        Some((addr, room)) => {
+            let setup = async {
+                let mut ws = janus::connect(addr).await?;
+                let mut session = janus::Session::open(&mut ws).await?;
+                if spec.media.is_some() {
+                    my_feed = Some(session.join_publisher(&mut ws, *room, &spec.name).await?);
+                    let offer = ep.offer(Instant::now())?;
+                    let body =
+                        json!({"request": "publish", "audio": publish[0], "video": publish[1]});
+                    let jsep = json!({"type": "offer", "sdp": offer});
+                    session.message(&mut ws, body, Some(jsep)).await?;
+                } else {
+                    let feed = loop {
+                        if let Some(f) = stats.borrow().janus_feed {
+                            break f;
+                        }
+                        if began.elapsed() > spec.join_timeout {
+                            return Err("the Janus publisher never published".to_owned());
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    };
+                    let body = json!({"request": "join", "ptype": "subscriber", "room": room,
+                                      "streams": [{"feed": feed}]});
+                    session.message(&mut ws, body, None).await?;
+                }
+                Ok::<_, String>((ws, session))
+            };
+            let (ws, session) = tokio::time::timeout(spec.join_timeout, setup)
+                .await
+                .map_err(|_| "Janus join timed out".to_owned())??;
+            janus_session = Some(session);
+            ws
+        }
+    };
 
     let mut publisher = spec.media.map(|plan| {
         let mut s = stats.borrow_mut();
@@ -442,6 +490,10 @@ async fn run_inner(
                     Some(Ok(_)) => continue,
                 };
                 let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+                if let Some(session) = janus_session.as_mut() {
+                    on_janus(&v, session, &mut ws, &mut ep, stats, my_feed).await?;
+                    continue;
+                }
                 match v["type"].as_str() {
                     Some("offer") if v["from"] == "sfu" => {
                         stats.borrow_mut().last_offer = Some(Instant::now());
@@ -458,6 +510,9 @@ async fn run_inner(
             }
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
+        if let Some(session) = janus_session.as_mut() {
+            session.keepalive(&mut ws).await?;
+        }
         let now = Instant::now();
         if ep.pc().poll_timeout().is_some_and(|t| t <= now) {
             let _ = ep.pc().handle_timeout(now);
@@ -471,6 +526,60 @@ async fn run_inner(
             }
         }
     }
+}
+
+/// Handles one message from Janus: the answer to our publisher offer,
+/// the offer for a subscriber (answered with `start`), trickled
+/// candidates.
+async fn on_janus(
+    v: &Value,
+    session: &mut janus::Session,
+    ws: &mut janus::Ws,
+    ep: &mut Endpoint,
+    stats: &Rc<RefCell<Stats>>,
+    my_feed: Option<u64>,
+) -> Result<(), String> {
+    match v["janus"].as_str() {
+        Some("event") => {
+            let jsep = &v["jsep"];
+            let Some(sdp) = jsep["sdp"].as_str() else {
+                return Ok(());
+            };
+            match jsep["type"].as_str() {
+                Some("answer") => {
+                    ep.accept_answer(sdp.to_owned(), Instant::now())?;
+                    session.trickle_done(ws).await?;
+                    if let Some(feed) = my_feed {
+                        stats.borrow_mut().janus_feed = Some(feed);
+                    }
+                }
+                Some("offer") => {
+                    let answer = ep.answer(sdp.to_owned(), Instant::now())?;
+                    let jsep = json!({"type": "answer", "sdp": answer});
+                    session
+                        .message(ws, json!({"request": "start"}), Some(jsep))
+                        .await?;
+                    session.trickle_done(ws).await?;
+                }
+                _ => {}
+            }
+        }
+        Some("trickle") => {
+            let c = &v["candidate"];
+            if let Some(candidate) = c["candidate"].as_str() {
+                let _ = ep.add_remote_candidate(RTCIceCandidateInit {
+                    candidate: candidate.to_owned(),
+                    sdp_mid: c["sdpMid"].as_str().map(str::to_owned),
+                    sdp_mline_index: c["sdpMLineIndex"].as_u64().map(|i| i as u16),
+                    ..Default::default()
+                });
+            }
+        }
+        Some("hangup") | Some("detached") => return Err(format!("Janus: {v}")),
+        Some("error") => return Err(format!("Janus: {v}")),
+        _ => {}
+    }
+    Ok(())
 }
 
 fn feed(ep: &mut Endpoint, local: SocketAddr, from: SocketAddr, data: &[u8]) {
