@@ -6,6 +6,8 @@
 # Needs `apt-get install --no-install-recommends janus` and a C compiler.
 # Janus is pinned to core 0 and the generator to core 1, as for Confab.
 set -eu
+# Janus sometimes crashes while it shuts down under load: no core files.
+ulimit -c 0
 cd "$(dirname "$0")/../.."
 out=${TMPDIR:-/tmp}/confab-janus
 mkdir -p "$out"
