@@ -93,15 +93,17 @@ def plot(path, reports):
         high = [1e3 / s["server_us_per_packet"]["min"] - m for m, s in zip(med, r["steps"])]
         y = med
         err = [[max(v, 0) for v in low], [max(v, 0) for v in high]]
-        ax.errorbar([v / 1000 for v in x], y, yerr=err, marker="o", capsize=3, label=name)
+        style = "--" if name.startswith("janus") else "-"
+        ax.errorbar([v / 1000 for v in x], y, yerr=err, marker="o", capsize=3, label=name,
+                    linestyle=style)
         ceiling = r.get("ceiling") or ceiling
     if ceiling:
         c = 1e6 / (1e6 / ceiling["sendto_pps"] + ceiling["srtp_gcm_us"]) / 1000
         ax.axhline(c, linestyle="--", color="grey", label=f"ceiling: sendto + GCM ({c:.0f}k)")
     ax.axhline(100, linestyle=":", color="red", label="target 100k")
-    ax.set_xlabel("forwarded packets/s (thousands), server's own counter")
+    ax.set_xlabel("forwarded packets/s (thousands): Confab's counter; for Janus, received")
     ax.set_ylabel("forwarded packets/s per core (thousands)")
-    ax.set_title("Confab SFU: forwarded packets per second per core of server CPU (2 vCPU, loopback)")
+    ax.set_title("Forwarded packets/s per core of server CPU (2 vCPU, loopback; dashed: Janus)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -125,7 +127,7 @@ def main(argv):
         title, body, knee = table(r)
         print(f"#### {name}: {title}\n")
         print(body)
-        print(f"\nKnee: {knee if knee else 'none'} members.\n")
+        print(f"\nKnee: {knee} members.\n" if knee else "\nKnee: none.\n")
 
 
 if __name__ == "__main__":
