@@ -48,6 +48,12 @@ pub const EVENT_QUEUE: usize = 1024;
 const PLI_INTERVAL: Duration = Duration::from_millis(500);
 /// The longest the task sleeps without checking its legs' timers.
 const MAX_SLEEP: Duration = Duration::from_millis(100);
+/// Datagrams read from the socket per turn (those already queued) before
+/// the legs are drained and flushed: every subscriber leg then has one
+/// datagram per publisher packet read, which go out together.
+const RECV_BATCH: usize = 32;
+/// Most datagrams in one UDP GSO send (the kernel's limit is 64).
+const GSO_MAX_SEGMENTS: usize = 32;
 
 /// Socket buffer size asked for (the kernel caps it at `net.core.rmem_max`
 /// / `wmem_max`). Every participant shares this one socket, so the default
@@ -219,6 +225,9 @@ pub struct Sfu {
     /// becomes dirty and is re-read in `flush`, so the loop never asks all
     /// legs (each engine walks all its streams to answer).
     timeouts: HashMap<LegKey, Instant>,
+    /// Send runs of datagrams with UDP GSO (off after the kernel refused).
+    gso: bool,
+    gso_buf: Vec<u8>,
     started: Instant,
 }
 
@@ -270,6 +279,8 @@ impl Sfu {
             next_key: 1,
             dirty: HashSet::new(),
             timeouts: HashMap::new(),
+            gso: true,
+            gso_buf: Vec::with_capacity(GSO_MAX_SEGMENTS * (MAX_DATAGRAM + 16)),
             started: Instant::now(),
         };
         Ok((
@@ -298,7 +309,18 @@ impl Sfu {
             tokio::select! {
                 received = self.socket.recv_from(&mut buf) => {
                     match received {
-                        Ok((len, from)) => self.on_datagram(&buf[..len], len > MAX_DATAGRAM, from),
+                        Ok((len, from)) => {
+                            self.on_datagram(&buf[..len], len > MAX_DATAGRAM, from);
+                            // Whatever else is queued joins this turn.
+                            for _ in 1..RECV_BATCH {
+                                match self.socket.try_recv_from(&mut buf) {
+                                    Ok((len, from)) => {
+                                        self.on_datagram(&buf[..len], len > MAX_DATAGRAM, from)
+                                    }
+                                    Err(_) => break,
+                                }
+                            }
+                        }
                         Err(e) => tracing::debug!(error = %e, "media socket receive error"),
                     }
                 }
@@ -818,26 +840,97 @@ impl Sfu {
         }
     }
 
-    /// Sends every datagram the dirty legs produced.
+    /// Sends every datagram the dirty legs produced. A leg's datagrams
+    /// (all to its client's address) go out as UDP GSO sends where runs of
+    /// equal size allow (one system call for up to [`GSO_MAX_SEGMENTS`]).
     async fn flush(&mut self) {
         let keys: Vec<LegKey> = self.dirty.drain().collect();
+        let mut out: Vec<(SocketAddr, BytesMut)> = Vec::new();
         for key in keys {
             let Some(entry) = self.legs.get_mut(&key) else {
                 continue;
             };
-            while let Some(out) = entry.leg.pc().poll_write() {
-                let to = out.transport.peer_addr;
-                // The leg chose to talk to `to` (its ICE agent accepted a
-                // check from there): route that address's traffic to it.
-                self.by_addr.entry(to).or_insert(key);
-                if let Err(e) = self.socket.send_to(&out.message, to).await {
-                    tracing::trace!(error = %e, %to, "media send failed");
-                }
+            while let Some(o) = entry.leg.pc().poll_write() {
+                out.push((o.transport.peer_addr, o.message));
             }
             match entry.leg.pc().poll_timeout() {
                 Some(t) => self.timeouts.insert(key, t),
                 None => self.timeouts.remove(&key),
             };
+            let mut i = 0;
+            while i < out.len() {
+                let (to, ref first) = out[i];
+                // The leg chose to talk to `to` (its ICE agent accepted a
+                // check from there): route that address's traffic to it.
+                self.by_addr.entry(to).or_insert(key);
+                // A run: same destination, same size; the last may be
+                // shorter.
+                let size = first.len();
+                let mut end = i + 1;
+                while end < out.len()
+                    && end - i < GSO_MAX_SEGMENTS
+                    && out[end].0 == to
+                    && out[end - 1].1.len() == size
+                    && out[end].1.len() <= size
+                {
+                    end += 1;
+                }
+                if end - i > 1 && self.gso && self.send_gso(&out[i..end], size) {
+                    i = end;
+                    continue;
+                }
+                for (to, message) in &out[i..end] {
+                    if let Err(e) = self.socket.send_to(message, *to).await {
+                        tracing::trace!(error = %e, %to, "media send failed");
+                    }
+                }
+                i = end;
+            }
+            out.clear();
         }
+    }
+
+    /// One UDP GSO send of `run` (same destination, segments of `size`,
+    /// the last possibly shorter). False if it did not go out (the socket
+    /// is full, or the kernel refuses GSO, which turns it off for good);
+    /// the caller then sends the datagrams one by one.
+    #[cfg(target_os = "linux")]
+    fn send_gso(&mut self, run: &[(SocketAddr, BytesMut)], size: usize) -> bool {
+        use std::os::fd::AsRawFd;
+
+        use nix::errno::Errno;
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrStorage};
+
+        let to = SockaddrStorage::from(run[0].0);
+        self.gso_buf.clear();
+        for (_, m) in run {
+            self.gso_buf.extend_from_slice(m);
+        }
+        let Ok(segment) = u16::try_from(size) else {
+            return false;
+        };
+        let iov = [std::io::IoSlice::new(&self.gso_buf)];
+        let cmsg = [ControlMessage::UdpGsoSegments(&segment)];
+        match sendmsg(
+            self.socket.as_raw_fd(),
+            &iov,
+            &cmsg,
+            MsgFlags::empty(),
+            Some(&to),
+        ) {
+            Ok(_) => true,
+            Err(Errno::EAGAIN) => false,
+            Err(e) => {
+                tracing::info!(error = %e, "UDP GSO refused; sending datagrams one by one");
+                self.gso = false;
+                false
+            }
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn send_gso(&mut self, _run: &[(SocketAddr, BytesMut)], _size: usize) -> bool {
+        self.gso = false;
+        false
     }
 }
