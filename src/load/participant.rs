@@ -250,13 +250,15 @@ struct Publisher {
 }
 
 impl Publisher {
-    fn next_due(&self) -> Instant {
-        let mut due = self.next_frame;
-        if !self.queue.is_empty() {
-            due = due.min(self.next_packet);
+    /// When something is next to send (`None`: nothing is ever sent).
+    fn next_due(&self) -> Option<Instant> {
+        let video = self.plan.video_bps > 0;
+        let mut due: Option<Instant> = video.then_some(self.next_frame);
+        if video && !self.queue.is_empty() {
+            due = due.map(|d| d.min(self.next_packet));
         }
         if self.plan.audio {
-            due = due.min(self.next_audio);
+            due = Some(due.map_or(self.next_audio, |d| d.min(self.next_audio)));
         }
         due
     }
@@ -445,8 +447,8 @@ async fn run_inner(
         let now = Instant::now();
         let mut wake = ep.pc().poll_timeout().unwrap_or(now + idle).min(now + idle);
         if connected {
-            if let Some(p) = publisher.as_ref() {
-                wake = wake.min(p.next_due());
+            if let Some(due) = publisher.as_ref().and_then(Publisher::next_due) {
+                wake = wake.min(due);
             }
         }
         tokio::select! {
