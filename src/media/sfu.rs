@@ -48,9 +48,9 @@ pub const EVENT_QUEUE: usize = 1024;
 const PLI_INTERVAL: Duration = Duration::from_millis(500);
 /// The longest the task sleeps without checking its legs' timers.
 const MAX_SLEEP: Duration = Duration::from_millis(100);
-/// Datagrams read from the socket per turn (those already queued) before
-/// the legs are drained and flushed: every subscriber leg then has one
-/// datagram per publisher packet read, which go out together.
+/// SRTP/SRTCP datagrams read from the socket per turn (those already
+/// queued) before the legs are drained and flushed: every subscriber leg
+/// then has one datagram per publisher packet read, which go out together.
 const RECV_BATCH: usize = 32;
 /// Most datagrams in one UDP GSO send (the kernel's limit is 64).
 const GSO_MAX_SEGMENTS: usize = 32;
@@ -60,6 +60,12 @@ const GSO_MAX_SEGMENTS: usize = 32;
 /// (about 200 KiB, some 90 full-size datagrams) overflows under a burst and
 /// the kernel drops honest packets with the junk.
 const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Whether a datagram is SRTP or SRTCP (RFC 7983: first byte 128-191),
+/// not STUN or DTLS.
+fn is_srtp(data: &[u8]) -> bool {
+    data.first().is_some_and(|b| (128..=191).contains(b))
+}
 
 /// Binds the shared UDP socket with large buffers.
 fn bind_media_socket(bind: SocketAddr) -> std::io::Result<UdpSocket> {
@@ -310,11 +316,19 @@ impl Sfu {
                 received = self.socket.recv_from(&mut buf) => {
                     match received {
                         Ok((len, from)) => {
+                            let mut media = is_srtp(&buf[..len]);
                             self.on_datagram(&buf[..len], len > MAX_DATAGRAM, from);
-                            // Whatever else is queued joins this turn.
+                            // Whatever SRTP/SRTCP is queued joins this turn.
+                            // STUN and DTLS are handled one per turn, as
+                            // before batching: legs in their handshakes
+                            // failed when a turn fed them several.
                             for _ in 1..RECV_BATCH {
+                                if !media {
+                                    break;
+                                }
                                 match self.socket.try_recv_from(&mut buf) {
                                     Ok((len, from)) => {
+                                        media = is_srtp(&buf[..len]);
                                         self.on_datagram(&buf[..len], len > MAX_DATAGRAM, from)
                                     }
                                     Err(_) => break,
