@@ -96,11 +96,12 @@ def plot(path, reports):
         style = "--" if name.startswith("janus") else "-"
         ax.errorbar([v / 1000 for v in x], y, yerr=err, marker="o", capsize=3, label=name,
                     linestyle=style)
-        ceiling = r.get("ceiling") or ceiling
+        ceiling = ceiling or r.get("ceiling")
     if ceiling:
         c = 1e6 / (1e6 / ceiling["sendto_pps"] + ceiling["srtp_gcm_us"]) / 1000
         ax.axhline(c, linestyle="--", color="grey", label=f"ceiling: sendto + GCM ({c:.0f}k)")
-    ax.axhline(100, linestyle=":", color="red", label="target 100k")
+    ax.axhline(100, linestyle=":", color="red", label="targets 100k, 200k")
+    ax.axhline(200, linestyle=":", color="red")
     ax.set_xlabel("forwarded packets/s (thousands): Confab's counter; for Janus, received")
     ax.set_ylabel("forwarded packets/s per core (thousands)")
     ax.set_title("Forwarded packets/s per core of server CPU (2 vCPU, loopback; dashed: Janus)")
