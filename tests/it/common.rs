@@ -306,22 +306,5 @@ pub async fn media_test_lock() -> tokio::sync::MutexGuard<'static, ()> {
 }
 
 /// The value of metric `name` in a Prometheus text exposition, summed over
-/// its label sets; `None` if it is absent.
-pub fn metric_value(exposition: &str, name: &str) -> Option<f64> {
-    let mut found = None;
-    for line in exposition.lines() {
-        if line.starts_with('#') {
-            continue;
-        }
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        if !(rest.starts_with(' ') || rest.starts_with('{')) {
-            continue;
-        }
-        if let Some(value) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
-            *found.get_or_insert(0.0) += value;
-        }
-    }
-    found
-}
+/// its label sets; `None` if it is absent (the load tool's parser).
+pub use confab::load::probe::metric_sum as metric_value;
