@@ -1,15 +1,26 @@
 //! The `confab` command line: `serve` runs the server, `token` prints a join
-//! token. Every `serve` flag can also be set from a `CONFAB_*` variable.
+//! token, `load` load-tests a server.
+//!
+//! Every `serve` setting has one name, its long flag (`--media-port`), and
+//! three sources, in increasing precedence: a TOML file given by `--config`
+//! (keys are the flag names: `media-port = 7882`), a `CONFAB_*` environment
+//! variable, and the flag itself. `docs/configuration.md` lists them all;
+//! `confab serve --print-config` shows the result.
 
+use std::ffi::OsString;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
 
 use crate::auth::{self, Grants};
 use crate::config::{
-    Config, Limits, TurnConfig, DEFAULT_LISTEN, DEFAULT_MEDIA_PORT, DEFAULT_TURN_PORT,
+    Config, Limits, TurnConfig, DEFAULT_DRAIN_TIMEOUT_SECS, DEFAULT_LISTEN, DEFAULT_MEDIA_PORT,
+    DEFAULT_TURN_PORT,
 };
 use crate::room::ModePolicy;
 use crate::server::Server;
@@ -34,14 +45,55 @@ enum Cmd {
     Load(Box<crate::load::LoadArgs>),
 }
 
-#[derive(Debug, Args)]
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (for log collectors).
+    Json,
+}
+
+#[derive(Debug, Args, Serialize)]
+#[serde(rename_all = "kebab-case")]
 struct ServeArgs {
+    /// A TOML file of settings; its keys are these flags' names without
+    /// `--` (e.g. `media-port = 7882`). Environment variables and flags
+    /// override it.
+    #[arg(long, env = "CONFAB_CONFIG")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Print the resolved settings as TOML (secrets hidden) and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    print_config: bool,
+    /// Log format.
+    #[arg(long, env = "CONFAB_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Log filter (tracing's EnvFilter syntax), e.g. `info` or
+    /// `confab=debug,info`.
+    #[arg(long, env = "CONFAB_LOG", default_value = "info")]
+    log: String,
+    /// Put client IP addresses into logs (debugging only: off, logs carry
+    /// no addresses and never any token).
+    #[arg(long, env = "CONFAB_LOG_CLIENT_ADDRESSES")]
+    log_client_addresses: bool,
     /// Address for HTTP, the WebSocket and the web client.
     #[arg(long, env = "CONFAB_LISTEN", default_value = DEFAULT_LISTEN)]
     listen: SocketAddr,
+    /// A separate address for `/metrics` (also serving /healthz and
+    /// /readyz); when set, /metrics is not on --listen.
+    #[arg(long, env = "CONFAB_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Seconds a drain (first SIGTERM or Ctrl-C) waits for rooms to empty
+    /// before disconnecting the rest; a second signal stops at once.
+    #[arg(long, env = "CONFAB_DRAIN_TIMEOUT_SECS", default_value_t = DEFAULT_DRAIN_TIMEOUT_SECS)]
+    drain_timeout_secs: u64,
     /// HS256 secret for join tokens (at least 16 bytes). Without one the
     /// server runs in dev mode and admits everyone.
     #[arg(long, env = "CONFAB_JWT_SECRET", hide_env_values = true)]
+    #[serde(serialize_with = "hidden")]
     jwt_secret: Option<String>,
     /// Allow dev mode (no secret) on a non-loopback address.
     #[arg(long, env = "CONFAB_INSECURE")]
@@ -49,6 +101,7 @@ struct ServeArgs {
     /// An ICE server URL handed to clients (repeatable), e.g.
     /// `stun:stun.example.org:3478`.
     #[arg(long = "ice-server", env = "CONFAB_ICE_SERVERS", value_delimiter = ',')]
+    #[serde(rename = "ice-server")]
     ice_servers: Vec<String>,
     /// Seconds an empty room is kept before it is removed.
     #[arg(long, env = "CONFAB_EMPTY_ROOM_SECS", default_value_t = 5)]
@@ -71,6 +124,17 @@ struct ServeArgs {
     /// Simultaneous WebSocket connections.
     #[arg(long, env = "CONFAB_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
     max_connections: usize,
+    /// Sustained joins per second from one client IP address (0: no
+    /// limit); more get `too_many_joins`.
+    #[arg(long, env = "CONFAB_JOIN_RATE_PER_IP", default_value_t = Limits::default().join_rate_per_ip)]
+    join_rate_per_ip: f64,
+    /// Join burst from one client IP address.
+    #[arg(long, env = "CONFAB_JOIN_BURST_PER_IP", default_value_t = Limits::default().join_burst_per_ip)]
+    join_burst_per_ip: f64,
+    /// Apply the join limit to loopback clients too (by default they are
+    /// exempt: a reverse proxy on the same host must limit joins itself).
+    #[arg(long, env = "CONFAB_JOIN_RATE_LOOPBACK")]
+    join_rate_loopback: bool,
     /// UDP port of the SFU, shared by every participant (0: any free port).
     #[arg(long, env = "CONFAB_MEDIA_PORT", default_value_t = DEFAULT_MEDIA_PORT)]
     media_port: u16,
@@ -102,6 +166,7 @@ struct ServeArgs {
         env = "CONFAB_NEVER_P2P_ROOMS",
         value_delimiter = ','
     )]
+    #[serde(rename = "never-p2p-room")]
     never_p2p_rooms: Vec<String>,
     /// Accept only AEAD_AES_128_GCM for SRTP on server legs (cheaper per
     /// packet; every current browser supports it).
@@ -123,6 +188,7 @@ struct ServeArgs {
     turn_public_ip: Option<IpAddr>,
     /// Relay port range, LOW-HIGH inclusive: one port per allocation.
     #[arg(long, env = "CONFAB_TURN_RELAY_PORTS", default_value = "49152-65535", value_parser = parse_port_range)]
+    #[serde(serialize_with = "port_range")]
     turn_relay_ports: (u16, u16),
     /// Realm of the TURN credentials.
     #[arg(long, env = "CONFAB_TURN_REALM", default_value = "confab")]
@@ -130,6 +196,7 @@ struct ServeArgs {
     /// Shared secret of the TURN credentials (coturn's static-auth-secret,
     /// at least 16 bytes). Without one, a random secret per start.
     #[arg(long, env = "CONFAB_TURN_SECRET", hide_env_values = true)]
+    #[serde(serialize_with = "hidden")]
     turn_secret: Option<String>,
     /// Seconds a handed-out TURN credential stays valid.
     #[arg(long, env = "CONFAB_TURN_CREDENTIAL_TTL_SECS", default_value_t = TurnConfig::default().credential_ttl.as_secs())]
@@ -154,7 +221,22 @@ struct ServeArgs {
     turn_external: Vec<String>,
     /// Shared secret of the external TURN servers (default: --turn-secret).
     #[arg(long, env = "CONFAB_TURN_EXTERNAL_SECRET", hide_env_values = true)]
+    #[serde(serialize_with = "hidden")]
     turn_external_secret: Option<String>,
+}
+
+/// Serialises a secret as `"<hidden>"` when set (and leaves it out when
+/// not).
+fn hidden<S: serde::Serializer>(secret: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(_) => s.serialize_str("<hidden>"),
+        None => s.serialize_none(),
+    }
+}
+
+/// `(LOW, HIGH)` → `"LOW-HIGH"`, as the flag takes it.
+fn port_range<S: serde::Serializer>(range: &(u16, u16), s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{}-{}", range.0, range.1))
 }
 
 /// `LOW-HIGH` → `(LOW, HIGH)`.
@@ -200,6 +282,9 @@ impl ServeArgs {
             rate_burst: self.rate_burst,
             max_participants: self.max_participants,
             max_connections: self.max_connections,
+            join_rate_per_ip: self.join_rate_per_ip,
+            join_burst_per_ip: self.join_burst_per_ip,
+            join_rate_exempt_loopback: !self.join_rate_loopback,
             ..Limits::default()
         };
         Config {
@@ -252,6 +337,9 @@ impl ServeArgs {
                     .collect(),
                 external_secret: self.turn_external_secret.filter(|s| !s.is_empty()),
             },
+            metrics_listen: self.metrics_listen,
+            drain_timeout: Duration::from_secs(self.drain_timeout_secs),
+            log_client_addresses: self.log_client_addresses,
         }
     }
 }
@@ -259,14 +347,25 @@ impl ServeArgs {
 /// Parses the command line and runs the chosen command; returns the process
 /// exit code.
 pub fn run() -> i32 {
-    let cli = Cli::parse();
+    let mut args: Vec<OsString> = std::env::args_os().collect();
     // No subcommand means `serve` with its defaults (and CONFAB_* variables).
-    let command =
-        cli.command
-            .unwrap_or_else(|| match Cli::parse_from(["confab", "serve"]).command {
-                Some(c) => c,
-                None => unreachable!("`serve` was given"),
-            });
+    if args.len() == 1 {
+        args.push("serve".into());
+    }
+    let args = match apply_config_file(args) {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("confab: {message}");
+            return 2;
+        }
+    };
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let Some(command) = cli.command else {
+        unreachable!("`serve` is added when no subcommand is given")
+    };
     match command {
         Cmd::Token(args) => {
             if args.jwt_secret.len() < 16 {
@@ -288,13 +387,126 @@ pub fn run() -> i32 {
             println!("{token}");
             0
         }
-        Cmd::Serve(args) => serve((*args).into_config()),
+        Cmd::Serve(args) => {
+            if args.print_config {
+                return match toml::to_string(&*args) {
+                    Ok(text) => {
+                        print!("{text}");
+                        0
+                    }
+                    Err(e) => {
+                        eprintln!("confab: cannot print the configuration: {e}");
+                        1
+                    }
+                };
+            }
+            if let Err(e) = init_tracing(args.log_format, &args.log) {
+                eprintln!("confab: --log {:?}: {e}", args.log);
+                return 2;
+            }
+            serve((*args).into_config())
+        }
         Cmd::Load(args) => crate::load::run(*args),
     }
 }
 
+/// Inserts the settings of `serve --config FILE` into the command line as
+/// flags, except those already given by a flag or a `CONFAB_*` variable
+/// (which take precedence). Errors name the file and the setting.
+fn apply_config_file(args: Vec<OsString>) -> Result<Vec<OsString>, String> {
+    // Bad flags are reported by the real parse, with clap's messages.
+    let Ok(matches) = Cli::command().try_get_matches_from(&args) else {
+        return Ok(args);
+    };
+    let Some(("serve", serve)) = matches.subcommand() else {
+        return Ok(args);
+    };
+    let Some(path) = serve.get_one::<PathBuf>("config") else {
+        return Ok(args);
+    };
+    let shown = path.display();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the configuration file {shown}: {e}"))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| format!("configuration file {shown}: {e}"))?;
+    let command = ServeArgs::augment_args(clap::Command::new("serve"));
+    let mut flags: Vec<OsString> = Vec::new();
+    for (key, value) in &table {
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key.as_str()))
+            .filter(|_| !["config", "print-config", "help"].contains(&key.as_str()))
+            .ok_or_else(|| {
+                format!(
+                    "configuration file {shown}: unknown setting `{key}` (see confab serve --help)"
+                )
+            })?;
+        let is_flag = matches!(arg.get_action(), ArgAction::SetTrue);
+        let values: Vec<String> = match value {
+            toml::Value::Array(items) => items.iter().map(scalar).collect::<Option<_>>(),
+            v => scalar(v).map(|s| vec![s]),
+        }
+        .ok_or_else(|| {
+            format!("configuration file {shown}: setting `{key}`: expected a string, number, boolean or a list of them")
+        })?;
+        let mut these: Vec<OsString> = Vec::new();
+        for v in values {
+            if is_flag {
+                match v.as_str() {
+                    "true" => these.push(format!("--{key}").into()),
+                    "false" => {}
+                    _ => {
+                        return Err(format!(
+                            "configuration file {shown}: setting `{key}`: expected true or false"
+                        ))
+                    }
+                }
+            } else {
+                these.push(format!("--{key}={v}").into());
+            }
+        }
+        // Check the setting on its own, so that an error names it.
+        let mut alone: Vec<OsString> = vec!["serve".into()];
+        alone.extend(these.iter().cloned());
+        if let Err(e) = command.clone().try_get_matches_from(alone) {
+            let message = e.to_string();
+            let first = message.lines().next().unwrap_or_default();
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            return Err(format!(
+                "configuration file {shown}: setting `{key}`: {first}"
+            ));
+        }
+        let overridden = matches!(
+            serve.value_source(arg.get_id().as_str()),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        );
+        if !overridden {
+            flags.extend(these);
+        }
+    }
+    // `confab serve <file flags> <command-line flags>`.
+    let serve_at = args
+        .iter()
+        .position(|a| a == "serve")
+        .expect("the `serve` subcommand was parsed");
+    let mut out = args[..=serve_at].to_vec();
+    out.extend(flags);
+    out.extend_from_slice(&args[serve_at + 1..]);
+    Ok(out)
+}
+
+/// A TOML scalar as a flag value; `None` for tables and arrays.
+fn scalar(value: &toml::Value) -> Option<String> {
+    match value {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
 fn serve(config: Config) -> i32 {
-    init_tracing();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -304,6 +516,7 @@ fn serve(config: Config) -> i32 {
     };
     runtime.block_on(async move {
         let dev = config.dev_mode();
+        let drain_timeout = config.drain_timeout;
         let server = match Server::bind(config).await {
             Ok(s) => s,
             Err(e) => {
@@ -314,6 +527,7 @@ fn serve(config: Config) -> i32 {
         let addr = server.local_addr();
         let media = server.media_addr();
         let turn = server.turn_addr();
+        let metrics_addr = server.metrics_addr();
         if dev {
             tracing::warn!(
                 "DEV MODE: no --jwt-secret set, anyone who can reach {addr} can join any room"
@@ -330,13 +544,38 @@ fn serve(config: Config) -> i32 {
         if let Some(turn) = turn {
             let _ = writeln!(out, "STUN/TURN (UDP) on {turn}.");
         }
+        if let Some(m) = metrics_addr {
+            let _ = writeln!(out, "Metrics on http://{m}/metrics.");
+        }
         let _ = out.flush();
         drop(out);
         let stop = server.shutdown_handle();
         tokio::spawn(async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down");
-            stop.shutdown();
+            let mut signals = Signals::new();
+            signals.next().await;
+            tracing::info!(
+                participants = stop.participants(),
+                deadline_secs = drain_timeout.as_secs(),
+                "draining: no new rooms; stopping when the rooms are empty \
+                 or at the deadline (signal again to stop now)"
+            );
+            tokio::select! {
+                emptied = stop.drain(drain_timeout) => {
+                    if emptied {
+                        tracing::info!("drained: no participant left; stopping");
+                    } else {
+                        tracing::warn!(participants = stop.participants(), "drain deadline passed; disconnecting the rest");
+                    }
+                }
+                _ = signals.next() => {
+                    tracing::warn!("second signal: stopping now");
+                    stop.shutdown();
+                    // Sessions close within a couple of seconds; do not wait
+                    // on anything slower.
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    std::process::exit(0);
+                }
+            }
         });
         match server.run().await {
             Ok(()) => 0,
@@ -348,36 +587,72 @@ fn serve(config: Config) -> i32 {
     })
 }
 
-/// Resolves on Ctrl-C (SIGINT) or, on Unix, SIGTERM (what Kubernetes and
-/// systemd send).
-async fn shutdown_signal() {
+/// SIGINT (Ctrl-C) and, on Unix, SIGTERM (what Kubernetes and systemd
+/// send), registered once so that a second signal is never missed.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Signals {
+                term: signal(SignalKind::terminate()).ok(),
+                int: signal(SignalKind::interrupt()).ok(),
             }
         }
+        #[cfg(not(unix))]
+        Signals {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Resolves at the next signal.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            let term = async {
+                match self.term.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let int = async {
+                match self.int.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = term => {}
+                _ = int => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat, filter: &str) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("CONFAB_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let filter = EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        LogFormat::Json => builder.json().with_current_span(false).try_init(),
+    };
+    Ok(())
 }

@@ -47,6 +47,15 @@ pub struct Config {
     pub srtp_gcm_only: bool,
     /// The embedded STUN/TURN server and the TURN servers handed to clients.
     pub turn: TurnConfig,
+    /// A separate address for `/metrics` (with `/healthz` and `/readyz`);
+    /// `None` serves `/metrics` on `listen`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long a drain (the first SIGTERM) waits for rooms to empty
+    /// before the remaining members are disconnected.
+    pub drain_timeout: Duration,
+    /// Put client IP addresses into logs (debugging only; off by default
+    /// so that logs hold no personal data).
+    pub log_client_addresses: bool,
 }
 
 /// STUN/TURN: the embedded server and external ones. Clients get
@@ -142,6 +151,14 @@ pub struct Limits {
     pub ping_interval: Duration,
     /// A socket silent this long is closed.
     pub idle_timeout: Duration,
+    /// Sustained joins per second from one client IP address (0: no
+    /// limit).
+    pub join_rate_per_ip: f64,
+    /// Join burst from one client IP address.
+    pub join_burst_per_ip: f64,
+    /// Exempt loopback clients from the join limit (a reverse proxy on the
+    /// same host, local load tests).
+    pub join_rate_exempt_loopback: bool,
 }
 
 impl Default for Limits {
@@ -157,6 +174,9 @@ impl Default for Limits {
             max_connections: 1000,
             ping_interval: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(45),
+            join_rate_per_ip: 5.0,
+            join_burst_per_ip: 50.0,
+            join_rate_exempt_loopback: true,
         }
     }
 }
@@ -165,6 +185,8 @@ impl Default for Limits {
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7880";
 /// The SFU's UDP port when none is given.
 pub const DEFAULT_MEDIA_PORT: u16 = 7882;
+/// How long a drain waits for rooms to empty when not configured.
+pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 600;
 
 impl Default for Config {
     fn default() -> Self {
@@ -182,6 +204,9 @@ impl Default for Config {
             never_p2p_rooms: Vec::new(),
             srtp_gcm_only: false,
             turn: TurnConfig::default(),
+            metrics_listen: None,
+            drain_timeout: Duration::from_secs(DEFAULT_DRAIN_TIMEOUT_SECS),
+            log_client_addresses: false,
         }
     }
 }
@@ -245,6 +270,19 @@ impl Config {
         }
         if !(self.limits.rate_per_sec > 0.0 && self.limits.rate_burst >= 1.0) {
             return Err("--rate-per-sec must be > 0 and --rate-burst >= 1".into());
+        }
+        let l = &self.limits;
+        if !(l.join_rate_per_ip >= 0.0 && l.join_rate_per_ip.is_finite()) {
+            return Err("--join-rate-per-ip must be 0 (no limit) or more".into());
+        }
+        if l.join_rate_per_ip > 0.0 && (l.join_burst_per_ip.is_nan() || l.join_burst_per_ip < 1.0) {
+            return Err("--join-burst-per-ip must be at least 1".into());
+        }
+        if l.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
+        }
+        if self.metrics_listen == Some(self.listen) && self.listen.port() != 0 {
+            return Err("--metrics-listen must differ from --listen".into());
         }
         self.validate_turn()
     }

@@ -2,7 +2,8 @@
 //! metric handle, so that counting is a field access and not a lookup.
 
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric Confab exports.
@@ -19,8 +20,9 @@ pub struct Metrics {
     pub joins: IntCounter,
     /// Relayed offers, answers and candidates.
     pub relayed: IntCounter,
-    /// Signaling messages received from clients.
-    pub messages_in: IntCounter,
+    /// Signaling messages received from clients, by `type` (`invalid` for
+    /// frames that do not parse, `binary` for binary frames).
+    pub messages_in: IntCounterVec,
     /// Error messages sent to clients, by code.
     pub errors: IntCounterVec,
     /// WebSocket upgrades refused because the connection cap was reached.
@@ -37,8 +39,19 @@ pub struct Metrics {
     pub media_dropped: IntCounterVec,
     /// Rooms by media mode.
     pub rooms_by_mode: IntGaugeVec,
-    /// Mode changes, by the mode entered.
+    /// Mode changes, by the mode left, the mode entered and the reason.
     pub mode_switches: IntCounterVec,
+    /// Client-reported time from a switch's `mode` message to the first
+    /// frame decoded on the new path, by the mode switched to.
+    pub mode_switch_gap: HistogramVec,
+    /// Time from a `join` message to the participant's server leg
+    /// connecting (ICE and DTLS done).
+    pub join_latency: Histogram,
+    /// Time from an RTP packet's arrival to its last forwarded copy leaving
+    /// the server.
+    pub forward_latency: Histogram,
+    /// 1 while the server drains (refuses new rooms), else 0.
+    pub draining: IntGauge,
     /// Live allocations on the embedded TURN server.
     pub turn_allocations: IntGauge,
     /// Allocations created on the embedded TURN server.
@@ -78,7 +91,6 @@ impl Metrics {
             "relayed_messages_total",
             "Relayed offers, answers and candidates",
         );
-        let messages_in = counter("signaling_messages_total", "Signaling messages received");
         let connections_refused = counter(
             "ws_connections_refused_total",
             "WebSocket upgrades refused at the connection cap",
@@ -88,9 +100,14 @@ impl Metrics {
             registry.register(Box::new(c.clone())).expect("unique name");
             c
         };
+        let messages_in = counter_vec(
+            "signaling_messages_total",
+            "Signaling messages received, by type (invalid: did not parse)",
+            "type",
+        );
         let errors = counter_vec(
-            "signaling_errors_total",
-            "Error messages sent, by code",
+            "errors_total",
+            "Error messages sent to clients, by code",
             "code",
         );
         let legs = gauge("server_legs", "Live server legs (SFU peer connections)");
@@ -116,11 +133,49 @@ impl Metrics {
         registry
             .register(Box::new(rooms_by_mode.clone()))
             .expect("unique name");
-        let mode_switches = counter_vec(
-            "mode_switches_total",
-            "Room mode changes, by the mode entered",
-            "to",
+        let mode_switches = IntCounterVec::new(
+            Opts::new(
+                "mode_switches_total",
+                "Room mode changes, by mode left, mode entered and reason",
+            ),
+            &["from", "to", "reason"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(mode_switches.clone()))
+            .expect("unique name");
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique name");
+            h
+        };
+        let mode_switch_gap = HistogramVec::new(
+            HistogramOpts::new(
+                "mode_switch_gap_seconds",
+                "Client-reported time from a switch to the first frame on the new path",
+            )
+            .buckets(vec![0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0]),
+            &["to"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(mode_switch_gap.clone()))
+            .expect("unique name");
+        let join_latency = histogram(
+            "join_latency_seconds",
+            "Time from a join message to the participant's server leg connecting",
+            vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0],
         );
+        let forward_latency = histogram(
+            "forward_latency_seconds",
+            "Time from an RTP packet's arrival to its last forwarded copy being sent",
+            vec![
+                0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005,
+                0.01, 0.025,
+            ],
+        );
+        let draining = gauge("draining", "1 while the server drains (refuses new rooms)");
         let turn_allocations = gauge("turn_allocations", "Live TURN allocations");
         let turn_allocations_total = counter("turn_allocations_total", "TURN allocations created");
         let turn_relayed_packets = counter_vec(
@@ -160,6 +215,10 @@ impl Metrics {
             media_dropped,
             rooms_by_mode,
             mode_switches,
+            mode_switch_gap,
+            join_latency,
+            forward_latency,
+            draining,
             turn_allocations,
             turn_allocations_total,
             turn_relayed_packets,

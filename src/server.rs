@@ -1,10 +1,18 @@
 //! The HTTP server: binds the listener, builds the axum router (web client,
 //! WebSocket, health, metrics) and runs until shutdown.
+//!
+//! Shutdown has two steps, as Kubernetes expects: [`ShutdownHandle::drain`]
+//! (the first SIGTERM) makes `/readyz` fail and refuses new rooms while the
+//! existing ones go on, until they are empty or the drain deadline passes;
+//! [`ShutdownHandle::shutdown`] then sends every session `server_shutdown`
+//! and stops serving.
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -17,6 +25,7 @@ use crate::config::Config;
 use crate::media::sfu::Sfu;
 use crate::metrics::Metrics;
 use crate::room::{RoomSettings, Rooms};
+use crate::signaling::ratelimit::JoinLimiter;
 use crate::signaling::session::{self, SignalContext};
 use crate::turn_server::{IceServerList, PeerPolicy, TurnServer, TurnSettings};
 use crate::web;
@@ -25,6 +34,8 @@ use crate::web;
 #[derive(Debug)]
 pub struct Server {
     listener: TcpListener,
+    /// The separate `/metrics` listener, if configured.
+    metrics_listener: Option<TcpListener>,
     state: AppState,
     shutdown_tx: watch::Sender<bool>,
     /// The SFU task, started by `run`.
@@ -41,14 +52,44 @@ struct AppState {
     connections: Arc<Semaphore>,
 }
 
-/// Asks a running server to stop; dropping it does nothing.
+/// Asks a running server to drain or stop; dropping it does nothing.
 #[derive(Debug, Clone)]
-pub struct ShutdownHandle(watch::Sender<bool>);
+pub struct ShutdownHandle {
+    tx: watch::Sender<bool>,
+    rooms: Arc<Rooms>,
+}
+
+/// How often a drain checks whether the rooms are empty.
+const DRAIN_POLL: Duration = Duration::from_millis(100);
 
 impl ShutdownHandle {
-    /// Starts a graceful shutdown: every session gets `server_shutdown`.
+    /// Stops at once: every session gets `server_shutdown` and is closed.
     pub fn shutdown(&self) {
-        let _ = self.0.send(true);
+        let _ = self.tx.send(true);
+    }
+
+    /// Drains: `/readyz` fails and new rooms are refused at once; resolves
+    /// (and shuts down) when no participant is left, or after `deadline`.
+    /// Returns whether the rooms emptied in time.
+    pub async fn drain(&self, deadline: Duration) -> bool {
+        self.rooms.start_drain();
+        let end = tokio::time::Instant::now() + deadline;
+        let emptied = loop {
+            if self.rooms.participants() == 0 {
+                break true;
+            }
+            if tokio::time::Instant::now() >= end {
+                break false;
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        };
+        self.shutdown();
+        emptied
+    }
+
+    /// Participants still connected (what a drain waits for).
+    pub fn participants(&self) -> usize {
+        self.rooms.participants()
     }
 }
 
@@ -59,6 +100,14 @@ impl Server {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("cannot listen on {addr} (--metrics-listen): {e}"))?,
+            ),
+            None => None,
+        };
         let metrics = Arc::new(Metrics::new());
         let (sfu, sfu_handle) = Sfu::bind(
             config.media_addr(),
@@ -82,17 +131,24 @@ impl Server {
         ));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let connections = Arc::new(Semaphore::new(config.limits.max_connections));
+        let join_limiter = Arc::new(JoinLimiter::new(
+            config.limits.join_rate_per_ip,
+            config.limits.join_burst_per_ip,
+            config.limits.join_rate_exempt_loopback,
+        ));
         let state = AppState {
             signal: SignalContext {
                 config: Arc::new(config),
                 rooms,
                 metrics,
                 shutdown: shutdown_rx,
+                join_limiter,
             },
             connections,
         };
         Ok(Server {
             listener,
+            metrics_listener,
             state,
             shutdown_tx,
             sfu: Some(sfu),
@@ -115,6 +171,13 @@ impl Server {
             .expect("a bound listener has an address")
     }
 
+    /// The separate metrics listener's address, if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
     /// The SFU's advertised UDP address.
     pub fn media_addr(&self) -> SocketAddr {
         self.media_addr
@@ -132,7 +195,10 @@ impl Server {
 
     /// A handle that stops the server.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle(self.shutdown_tx.clone())
+        ShutdownHandle {
+            tx: self.shutdown_tx.clone(),
+            rooms: Arc::clone(&self.state.signal.rooms),
+        }
     }
 
     /// Serves until [`ShutdownHandle::shutdown`] is called, then lets every
@@ -143,18 +209,37 @@ impl Server {
             // Runs until the rooms (which hold its handles) are gone.
             tokio::spawn(sfu.run());
         }
-        let mut shutdown = self.state.signal.shutdown.clone();
-        let app = router(self.state);
+        let shutdown = self.state.signal.shutdown.clone();
+        let stopped = move || {
+            let mut shutdown = shutdown.clone();
+            async move {
+                let _ = shutdown.wait_for(|down| *down).await;
+            }
+        };
+        let separate_metrics = self.metrics_listener.is_some();
+        let metrics_server = self.metrics_listener.map(|l| {
+            let app = ops_router(self.state.clone());
+            tokio::spawn(
+                axum::serve(l, app)
+                    .with_graceful_shutdown(stopped())
+                    .into_future(),
+            )
+        });
+        let app = router(self.state, !separate_metrics);
         // Signaling is many small messages: without TCP_NODELAY each one can
         // wait ~40 ms for a delayed ACK (Nagle), which slows ICE setup.
         let listener = self.listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = shutdown.wait_for(|down| *down).await;
-            })
-            .await;
+        let served = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stopped())
+        .await;
+        if let Some(m) = metrics_server {
+            let _ = m.await;
+        }
         if let Some(turn) = turn {
             turn.close().await;
         }
@@ -219,8 +304,10 @@ async fn start_turn(
     Ok((turn, list))
 }
 
-fn router(state: AppState) -> Router {
-    Router::new()
+/// The main router; `/metrics` is on it unless a separate metrics listener
+/// serves it.
+fn router(state: AppState, with_metrics: bool) -> Router {
+    let router = Router::new()
         .route(
             "/",
             get(|| async { web::page(web::INDEX_HTML, "text/html; charset=utf-8") }),
@@ -235,11 +322,38 @@ fn router(state: AppState) -> Router {
         )
         .route("/ws", get(ws_handler))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz_handler));
+    let router = if with_metrics {
+        router.route("/metrics", get(metrics_handler))
+    } else {
+        router
+    };
+    router.with_state(state)
+}
+
+/// The separate operations listener: metrics and health only.
+fn ops_router(state: AppState) -> Router {
+    Router::new()
         .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz_handler))
         .with_state(state)
 }
 
-async fn ws_handler(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+/// Ready while new rooms are accepted; 503 once draining.
+async fn readyz_handler(State(state): State<AppState>) -> Response {
+    if state.signal.rooms.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
+    }
+}
+
+async fn ws_handler(
+    State(state): State<AppState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> Response {
     let Ok(permit) = Arc::clone(&state.connections).try_acquire_owned() else {
         state.signal.metrics.connections_refused.inc();
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
@@ -248,7 +362,7 @@ async fn ws_handler(State(state): State<AppState>, ws: WebSocketUpgrade) -> Resp
     ws.max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            session::run(socket, state.signal).await;
+            session::run(socket, state.signal, client.ip()).await;
             drop(permit);
         })
 }

@@ -10,13 +10,18 @@
 //! itself from the registry once it has been empty for
 //! `Config::empty_room_timeout`. A join racing with that removal finds the
 //! command channel closed or its reply dropped, and retries on a fresh room.
+//!
+//! Draining (the first SIGTERM): [`Rooms::start_drain`] stops the creation
+//! of rooms; joins to rooms that still exist (members reloading or
+//! rejoining) are admitted, joins that would create a room are refused with
+//! `draining`.
 
 mod mode;
 mod task;
 
 pub use mode::{Change, ModeMember, ModePolicy, ModeState};
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -179,6 +184,8 @@ pub struct Rooms {
     next_generation: AtomicU64,
     /// Join order across the whole server; also makes participant ids unique.
     next_seq: Arc<AtomicU64>,
+    /// No new rooms (see the module documentation).
+    draining: AtomicBool,
 }
 
 /// Bound of a room's command queue. Senders wait when it is full, so a busy
@@ -194,7 +201,24 @@ impl Rooms {
             metrics,
             next_generation: AtomicU64::new(1),
             next_seq: Arc::new(AtomicU64::new(1)),
+            draining: AtomicBool::new(false),
         }
+    }
+
+    /// Stops creating rooms: from now on only existing rooms admit joins.
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.metrics.draining.set(1);
+    }
+
+    /// Whether [`Rooms::start_drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Participants in every room.
+    pub fn participants(&self) -> usize {
+        usize::try_from(self.metrics.participants.get()).unwrap_or(0)
     }
 
     /// Number of live rooms.
@@ -245,7 +269,14 @@ impl Rooms {
         // A closing room hands the participant back; retry on a fresh room.
         // One retry covers the race; the bound keeps a bug from spinning.
         for _ in 0..4 {
-            let handle = self.get_or_create(room);
+            let handle = if self.is_draining() {
+                match self.map.get(room) {
+                    Some(h) => h.clone(),
+                    None => return Err(ErrorCode::Draining),
+                }
+            } else {
+                self.get_or_create(room)
+            };
             let (reply_tx, reply_rx) = oneshot::channel();
             let command = Command::Join {
                 participant,

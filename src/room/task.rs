@@ -31,6 +31,8 @@ struct Member {
     kick: Option<oneshot::Sender<Kick>>,
     /// Its server leg's state, as the SFU last reported it.
     leg: Option<LegState>,
+    /// When it joined, until its server leg first connects (join latency).
+    joined_at: Option<Instant>,
 }
 
 impl Member {
@@ -123,8 +125,16 @@ impl Room {
                 }
                 Some(event) = events.recv() => self.on_media_event(event),
                 _ = sleep_until(mode_deadline.unwrap_or_else(Instant::now)), if mode_deadline.is_some() => {
+                    let before = self.mode.mode();
                     let change = self.mode.tick(Instant::now());
-                    self.after_mode_change(change, None);
+                    // A switch that ran out of time, or the delay before
+                    // returning to peer-to-peer.
+                    let reason = if matches!(before, MediaMode::ToSfu | MediaMode::ToP2p) {
+                        "timeout"
+                    } else {
+                        "return_delay"
+                    };
+                    self.after_mode_change(change, None, reason);
                 }
                 _ = sleep_until(empty_deadline.unwrap_or_else(Instant::now)), if empty_deadline.is_some() => {
                     break;
@@ -198,11 +208,11 @@ impl Room {
             }
             Command::MediaReady { id, epoch } => {
                 let change = self.mode.media_ready(&id, epoch, Instant::now());
-                self.after_mode_change(change, None);
+                self.after_mode_change(change, None, "media_ready");
             }
             Command::P2pFailed { id } => {
                 let change = self.mode.p2p_failed(&id, Instant::now());
-                self.after_mode_change(change, None);
+                self.after_mode_change(change, None, "p2p_failed");
             }
         }
     }
@@ -236,6 +246,7 @@ impl Room {
             outbox: p.outbox,
             kick: Some(p.kick),
             leg: None,
+            joined_at: Some(Instant::now()),
         };
         let info = member.info();
         let others: Vec<MemberInfo> = self.members.iter().map(Member::info).collect();
@@ -274,7 +285,7 @@ impl Room {
             router: self.router(),
             participant: id.clone(),
         });
-        self.after_mode_change(change, Some(&id));
+        self.after_mode_change(change, Some(&id), "join");
         tracing::info!(room = %self.id, participant = %id, members = self.members.len(), "joined");
         JoinReply::Accepted(id)
     }
@@ -344,6 +355,11 @@ impl Room {
                     return;
                 };
                 m.leg = Some(state);
+                if state == LegState::Connected {
+                    if let Some(t) = m.joined_at.take() {
+                        self.metrics.join_latency.observe(t.elapsed().as_secs_f64());
+                    }
+                }
                 self.broadcast(
                     &ServerMessage::ServerLeg {
                         id: participant,
@@ -360,8 +376,10 @@ impl Room {
     }
 
     /// Announces a mode change to everyone (but `joiner`, who has it in
-    /// `joined`) and tells the SFU whether to forward.
-    fn after_mode_change(&mut self, change: Change, joiner: Option<&str>) {
+    /// `joined`) and tells the SFU whether to forward. `reason` labels the
+    /// switch metric: `join`, `leave`, `media_ready`, `timeout`,
+    /// `return_delay` or `p2p_failed`.
+    fn after_mode_change(&mut self, change: Change, joiner: Option<&str>, reason: &'static str) {
         if change == Change::None {
             return;
         }
@@ -377,7 +395,7 @@ impl Room {
                 .inc();
             self.metrics
                 .mode_switches
-                .with_label_values(&[mode.as_str()])
+                .with_label_values(&[self.counted_mode.as_str(), mode.as_str(), reason])
                 .inc();
             self.counted_mode = mode;
             tracing::info!(room = %self.id, mode = mode.as_str(), epoch = self.mode.epoch(), "mode");
@@ -473,7 +491,7 @@ impl Room {
             None,
         );
         let change = self.mode.update(&self.mode_members(), Instant::now());
-        self.after_mode_change(change, None);
+        self.after_mode_change(change, None, "leave");
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! - [`protocol`]: the wire types and error codes (`docs/protocol.md`).
 //! - [`session`]: one task per socket: join, limits, relaying to the room.
-//! - [`ratelimit`]: the per-socket token bucket.
+//! - [`ratelimit`]: the per-socket token bucket and the per-address join
+//!   limit.
 
 pub mod protocol;
 pub mod ratelimit;

@@ -87,6 +87,17 @@ pub enum ClientMessage {
     },
     /// The direct path to the peer failed (ICE failed and did not recover).
     P2pFailed,
+    /// How long the sender went without a new frame across a switch: the
+    /// time from the `mode` message of `epoch` to the first frame decoded
+    /// on the new path (feeds `confab_mode_switch_gap_seconds`).
+    SwitchReport {
+        /// The epoch of the `mode` message that started the switch.
+        epoch: u64,
+        /// The mode switched to: `sfu` or `p2p`.
+        to: MediaMode,
+        /// Milliseconds, 0 to [`MAX_SWITCH_GAP_MS`].
+        gap_ms: f64,
+    },
     /// Application-level keep-alive.
     Ping {
         /// Echoed in the `pong`.
@@ -97,6 +108,27 @@ pub enum ClientMessage {
     Leave,
 }
 
+impl ClientMessage {
+    /// The message's `type` on the wire.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ClientMessage::Join { .. } => "join",
+            ClientMessage::Offer { .. } => "offer",
+            ClientMessage::Answer { .. } => "answer",
+            ClientMessage::Candidate { .. } => "candidate",
+            ClientMessage::MediaState { .. } => "media_state",
+            ClientMessage::MediaReady { .. } => "media_ready",
+            ClientMessage::P2pFailed => "p2p_failed",
+            ClientMessage::SwitchReport { .. } => "switch_report",
+            ClientMessage::Ping { .. } => "ping",
+            ClientMessage::Leave => "leave",
+        }
+    }
+}
+
+/// The largest `switch_report.gap_ms` accepted (one minute).
+pub const MAX_SWITCH_GAP_MS: f64 = 60_000.0;
+
 /// The `type` values of [`ClientMessage`].
 pub const CLIENT_MESSAGE_TYPES: &[&str] = &[
     "join",
@@ -106,6 +138,7 @@ pub const CLIENT_MESSAGE_TYPES: &[&str] = &[
     "media_state",
     "media_ready",
     "p2p_failed",
+    "switch_report",
     "ping",
     "leave",
 ];
@@ -350,6 +383,10 @@ pub enum ErrorCode {
     Replaced,
     /// The server is shutting down.
     ServerShutdown,
+    /// The server is draining: it accepts no new rooms.
+    Draining,
+    /// Too many joins from the sender's address.
+    TooManyJoins,
 }
 
 impl ErrorCode {
@@ -377,6 +414,8 @@ impl ErrorCode {
             ErrorCode::SlowConsumer => "slow_consumer",
             ErrorCode::Replaced => "replaced",
             ErrorCode::ServerShutdown => "server_shutdown",
+            ErrorCode::Draining => "draining",
+            ErrorCode::TooManyJoins => "too_many_joins",
         }
     }
 }
@@ -428,6 +467,20 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ParseError> {
         code: ErrorCode::BadMessage,
         detail: format!("bad `{ty}` message: {e}"),
     })?;
+    if let ClientMessage::SwitchReport { to, gap_ms, .. } = &message {
+        if !matches!(to, MediaMode::Sfu | MediaMode::P2p) {
+            return Err(ParseError {
+                code: ErrorCode::BadMessage,
+                detail: "`switch_report.to` must be `sfu` or `p2p`".into(),
+            });
+        }
+        if !(0.0..=MAX_SWITCH_GAP_MS).contains(gap_ms) {
+            return Err(ParseError {
+                code: ErrorCode::BadMessage,
+                detail: format!("`switch_report.gap_ms` must be 0 to {MAX_SWITCH_GAP_MS}"),
+            });
+        }
+    }
     if let ClientMessage::Offer { sdp, .. } | ClientMessage::Answer { sdp, .. } = &message {
         if sdp.lines().count() > MAX_SDP_LINES {
             return Err(ParseError {
@@ -469,6 +522,25 @@ mod tests {
                 .code,
             ErrorCode::BadMessage
         );
+        for bad in [
+            r#"{"type":"switch_report","epoch":1,"to":"to_sfu","gap_ms":10}"#,
+            r#"{"type":"switch_report","epoch":1,"to":"sfu","gap_ms":-1}"#,
+            r#"{"type":"switch_report","epoch":1,"to":"sfu","gap_ms":600000}"#,
+            r#"{"type":"switch_report","epoch":1,"to":"sfu"}"#,
+        ] {
+            assert_eq!(
+                parse_client_message(bad).unwrap_err().code,
+                ErrorCode::BadMessage,
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse_client_message(r#"{"type":"switch_report","epoch":1,"to":"p2p","gap_ms":120.5}"#),
+            Ok(ClientMessage::SwitchReport {
+                to: MediaMode::P2p,
+                ..
+            })
+        ));
         let long_sdp = "a=x\n".repeat(MAX_SDP_LINES + 1);
         let msg = serde_json::json!({"type":"offer","to":"p-1","sdp":long_sdp}).to_string();
         assert_eq!(

@@ -10,6 +10,7 @@
 //! closed. Everything the client does wrong before `join` closes the socket;
 //! after `join`, only the errors `docs/protocol.md` marks as closing do.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use tokio::time::{sleep_until, Instant};
 
 use super::protocol::{parse_client_message, ClientMessage, ErrorCode, LeaveReason};
 use super::protocol::{ServerMessage, PROTOCOL_VERSION};
-use super::ratelimit::TokenBucket;
+use super::ratelimit::{JoinLimiter, TokenBucket};
 use super::{clean_name, valid_room_id};
 use crate::auth;
 use crate::config::Config;
@@ -53,6 +54,8 @@ pub struct SignalContext {
     pub metrics: Arc<Metrics>,
     /// Becomes `true` when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// Joins per client address.
+    pub join_limiter: Arc<JoinLimiter>,
 }
 
 /// How the writer task should end the connection.
@@ -67,8 +70,9 @@ struct CloseRequest {
 /// frame to a client that may not be reading.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
-/// Runs one session to its end.
-pub async fn run(socket: WebSocket, ctx: SignalContext) {
+/// Runs one session to its end. `client` is the peer's IP address, used for
+/// the per-address join limit (and logged only when configured).
+pub async fn run(socket: WebSocket, ctx: SignalContext, client: IpAddr) {
     ctx.metrics.connections.inc();
     let (sink, stream) = socket.split();
     let limits = &ctx.config.limits;
@@ -78,6 +82,7 @@ pub async fn run(socket: WebSocket, ctx: SignalContext) {
 
     let mut session = Session {
         ctx: ctx.clone(),
+        client,
         out: out_tx,
         close: Some(close_tx),
         joined: None,
@@ -105,6 +110,7 @@ struct Joined {
 
 struct Session {
     ctx: SignalContext,
+    client: IpAddr,
     out: mpsc::Sender<Outgoing>,
     close: Option<oneshot::Sender<CloseRequest>>,
     joined: Option<Joined>,
@@ -194,6 +200,7 @@ impl Session {
         let text = match message {
             Message::Text(t) => t,
             Message::Binary(_) => {
+                self.count_message("binary");
                 return self.refuse(
                     ErrorCode::BinaryUnsupported,
                     "binary frames are not part of the protocol",
@@ -205,13 +212,19 @@ impl Session {
                 return Flow::End(LeaveReason::Left);
             }
         };
-        self.ctx.metrics.messages_in.inc();
         if self.joined.is_some() && !self.bucket.try_take() {
+            self.count_message("rate_limited");
             return self.rate_limited();
         }
         match parse_client_message(&text) {
-            Ok(msg) => self.on_message(msg).await,
-            Err(e) => self.refuse(e.code, e.detail),
+            Ok(msg) => {
+                self.count_message(msg.type_name());
+                self.on_message(msg).await
+            }
+            Err(e) => {
+                self.count_message("invalid");
+                self.refuse(e.code, e.detail)
+            }
         }
     }
 
@@ -242,6 +255,14 @@ impl Session {
             }
             ClientMessage::Ping { id } => {
                 self.send(&ServerMessage::Pong { id });
+                return Flow::Continue;
+            }
+            ClientMessage::SwitchReport { to, gap_ms, .. } => {
+                self.ctx
+                    .metrics
+                    .mode_switch_gap
+                    .with_label_values(&[to.as_str()])
+                    .observe(gap_ms / 1e3);
                 return Flow::Continue;
             }
             ClientMessage::Offer { to, sdp } => Command::Relay {
@@ -309,6 +330,16 @@ impl Session {
                 self,
                 ErrorCode::InvalidRoom,
                 "room ids are 1-64 characters of A-Z a-z 0-9 _ - .".into(),
+            );
+        }
+        if self.ctx.config.log_client_addresses {
+            tracing::info!(client = %self.client, %room, "join request");
+        }
+        if !self.ctx.join_limiter.allow(self.client) {
+            return refuse(
+                self,
+                ErrorCode::TooManyJoins,
+                "too many joins from this address; retry later".into(),
             );
         }
         let (mut name, identity, grants) = match &self.ctx.config.jwt_secret {
@@ -396,6 +427,10 @@ impl Session {
         self.count_error(code);
         self.send(&ServerMessage::error(code, message));
         Flow::Continue
+    }
+
+    fn count_message(&self, ty: &str) {
+        self.ctx.metrics.messages_in.with_label_values(&[ty]).inc();
     }
 
     fn count_error(&self, code: ErrorCode) {

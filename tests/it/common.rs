@@ -130,6 +130,24 @@ impl WsClient {
         }
     }
 
+    /// Connects from the local address `from` (any 127.x.y.z works on
+    /// Linux loopback), to appear as another client address.
+    pub async fn connect_from(addr: SocketAddr, from: std::net::IpAddr) -> WsClient {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(from, 0)).unwrap();
+        let stream = socket.connect(addr).await.expect("tcp connects");
+        let (ws, _) = tokio_tungstenite::client_async(
+            format!("ws://{addr}/ws"),
+            MaybeTlsStream::Plain(stream),
+        )
+        .await
+        .expect("websocket connects");
+        WsClient {
+            ws,
+            skip_media: true,
+        }
+    }
+
     pub async fn send_json(&mut self, v: Value) {
         self.send_text(v.to_string()).await;
     }
@@ -278,6 +296,26 @@ pub async fn join_with(addr: SocketAddr, join_msg: Value) -> (WsClient, Value) {
     let joined = c.recv_json().await;
     assert_eq!(joined["type"], "joined", "join answer: {joined}");
     (c, joined)
+}
+
+/// `GET path` over HTTP/1.1; returns the status and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(STEP, s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// A room id unique to the calling test.

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use confab::auth::{self, Claims, Grants};
@@ -628,24 +627,6 @@ async fn token_name_wins_and_same_identity_replaces_old_socket() {
 
 // ---- HTTP -------------------------------------------------------------------
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(STEP, s.read_to_end(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text[9..12].parse().unwrap();
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
 #[tokio::test]
 async fn serves_client_health_and_metrics() {
     let server = start_server().await;
@@ -661,11 +642,35 @@ async fn serves_client_health_and_metrics() {
         http_get(server.addr, "/healthz").await,
         (200, "ok\n".into())
     );
-    let (_a, _) = join(server.addr, &room_name("metrics"), "A").await;
+    assert_eq!(
+        http_get(server.addr, "/readyz").await,
+        (200, "ready\n".into())
+    );
+    let (mut a, _) = join(server.addr, &room_name("metrics"), "A").await;
+    // A client's report of a switch gap feeds the histogram; messages are
+    // counted by type, bad ones as `invalid`.
+    a.send_json(json!({"type": "switch_report", "epoch": 1, "to": "sfu", "gap_ms": 140}))
+        .await;
+    a.send_text("{oops".into()).await;
+    a.expect_error("bad_json", None).await;
+    a.send_json(json!({"type": "ping", "id": 1})).await;
+    a.recv_type("pong").await;
     let (status, body) = http_get(server.addr, "/metrics").await;
     assert_eq!(status, 200);
     assert!(body.contains("confab_participants 1"), "{body}");
     assert!(body.contains("confab_rooms 1"), "{body}");
+    for line in [
+        "confab_signaling_messages_total{type=\"join\"} 1",
+        "confab_signaling_messages_total{type=\"switch_report\"} 1",
+        "confab_signaling_messages_total{type=\"invalid\"} 1",
+        "confab_errors_total{code=\"bad_json\"} 1",
+        "confab_mode_switch_gap_seconds_count{to=\"sfu\"} 1",
+        "confab_mode_switch_gap_seconds_bucket{to=\"sfu\",le=\"0.2\"} 1",
+        "confab_mode_switch_gap_seconds_bucket{to=\"sfu\",le=\"0.1\"} 0",
+        "confab_draining 0",
+    ] {
+        assert!(body.contains(line), "missing {line}: {body}");
+    }
     assert_eq!(http_get(server.addr, "/nope").await.0, 404);
 }
 
@@ -689,4 +694,47 @@ async fn never_p2p_rooms_start_and_stay_server_routed() {
     // Other rooms keep the default policy.
     let (_c, jc) = join(server.addr, &room_name("standup"), "C").await;
     assert_eq!(jc["mode"]["mode"], "p2p");
+}
+
+#[tokio::test]
+async fn joins_are_limited_per_client_address() {
+    let mut cfg = test_config();
+    cfg.limits.join_rate_per_ip = 0.5;
+    cfg.limits.join_burst_per_ip = 3.0;
+    cfg.limits.join_rate_exempt_loopback = false;
+    let server = start_server_with(cfg).await;
+    let room = room_name("joinrate");
+    let first: std::net::IpAddr = "127.0.0.3".parse().unwrap();
+    let mut kept = Vec::new();
+    for i in 0..3 {
+        let mut c = WsClient::connect_from(server.addr, first).await;
+        c.send_json(
+            json!({"type": "join", "v": PROTOCOL_VERSION, "room": room, "name": format!("m{i}")}),
+        )
+        .await;
+        assert_eq!(c.recv_json().await["type"], "joined");
+        kept.push(c);
+    }
+    // The burst is spent: the next join from that address is refused ...
+    let mut c = WsClient::connect_from(server.addr, first).await;
+    c.send_json(json!({"type": "join", "v": PROTOCOL_VERSION, "room": room, "name": "m3"}))
+        .await;
+    c.expect_error("too_many_joins", Some(1008)).await;
+    // ... another address is not affected, and neither are the members.
+    let other: std::net::IpAddr = "127.0.0.4".parse().unwrap();
+    let mut d = WsClient::connect_from(server.addr, other).await;
+    d.send_json(json!({"type": "join", "v": PROTOCOL_VERSION, "room": room, "name": "other"}))
+        .await;
+    assert_eq!(d.recv_json().await["type"], "joined");
+    kept[0].send_json(json!({"type": "ping", "id": 9})).await;
+    assert_eq!(kept[0].recv_type("pong").await["id"], 9);
+    assert_eq!(server.metrics.participants.get(), 4);
+    assert_eq!(
+        server
+            .metrics
+            .errors
+            .with_label_values(&["too_many_joins"])
+            .get(),
+        1
+    );
 }
