@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use prometheus::local::LocalHistogram;
 use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::transport::RTCIceCandidateInit;
@@ -235,7 +236,18 @@ pub struct Sfu {
     gso: bool,
     gso_buf: Vec<u8>,
     started: Instant,
+    /// Receive → send time of forwarded packets, gathered without atomics
+    /// and flushed into the shared histogram once per loop turn.
+    forward_latency: LocalHistogram,
+    /// Received packets forwarded (to at least one subscriber) in this
+    /// loop turn.
+    turn_forwarded: u32,
+    latency_flushed: Instant,
 }
+
+/// How often the loop publishes its latency observations (a flush is a
+/// dozen atomic additions; a loop turn can be a single packet).
+const LATENCY_FLUSH: Duration = Duration::from_millis(250);
 
 impl std::fmt::Debug for Sfu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -277,7 +289,6 @@ impl Sfu {
             advertised,
             srtp_gcm_only,
             commands,
-            metrics,
             routers: HashMap::new(),
             legs: HashMap::new(),
             by_ufrag: HashMap::new(),
@@ -288,6 +299,10 @@ impl Sfu {
             gso: true,
             gso_buf: Vec::with_capacity(GSO_MAX_SEGMENTS * (MAX_DATAGRAM + 16)),
             started: Instant::now(),
+            forward_latency: metrics.forward_latency.local(),
+            turn_forwarded: 0,
+            latency_flushed: Instant::now(),
+            metrics,
         };
         Ok((
             sfu,
@@ -344,7 +359,21 @@ impl Sfu {
                 }
                 _ = tokio::time::sleep_until(next.into()) => self.on_timers(),
             }
+            // Packets read in this turn leave in it: from here to the end
+            // of `drain` (which sends) is their time inside the server.
+            let woke = Instant::now();
             self.drain().await;
+            if self.turn_forwarded > 0 {
+                let secs = woke.elapsed().as_secs_f64();
+                for _ in 0..self.turn_forwarded {
+                    self.forward_latency.observe(secs);
+                }
+                self.turn_forwarded = 0;
+            }
+            if woke.duration_since(self.latency_flushed) >= LATENCY_FLUSH {
+                self.forward_latency.flush();
+                self.latency_flushed = woke;
+            }
         }
         for (_, mut entry) in self.legs.drain() {
             let _ = entry.leg.pc().close();
@@ -842,6 +871,7 @@ impl Sfu {
             }
         }
         if sent > 0 {
+            self.turn_forwarded += 1;
             let kind = f.kind.as_str();
             self.metrics
                 .forwarded_packets

@@ -430,6 +430,52 @@ fn offset_ms(at: Instant, since: Instant) -> f64 {
     }
 }
 
+/// `GET /metrics`, parsed by `prometheus-parse`.
+async fn scrape_metrics(addr: std::net::SocketAddr) -> prometheus_parse::Scrape {
+    let (status, body) = crate::common::http_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .expect("the exposition parses")
+}
+
+/// The value of the counter or gauge `name` with exactly `labels`.
+fn sample_value(
+    scrape: &prometheus_parse::Scrape,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == name
+                && s.labels.len() == labels.len()
+                && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+        })
+        .and_then(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => Some(v),
+            _ => None,
+        })
+}
+
+/// Observations of histogram `name` (its `+Inf` bucket), over all labels.
+fn histogram_count(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter_map(|s| match &s.value {
+            prometheus_parse::Value::Histogram(buckets) => buckets
+                .iter()
+                .find(|b| b.less_than.is_infinite())
+                .map(|b| b.count),
+            _ => None,
+        })
+        .sum()
+}
+
 /// Forwarded packets and keyframe requests the server counted.
 fn server_counters(server: &TestServer) -> (Option<f64>, Option<f64>) {
     let text = server.metrics.render();
@@ -1191,6 +1237,46 @@ async fn switch_two_three_two() {
         .unwrap()
         .unwrap();
     assert_eq!(pair_a.remote, pair_b.local, "direct again");
+
+    // What an operator sees: the server's /metrics, scraped over HTTP and
+    // read with an independent parser of the Prometheus text format.
+    let scrape = scrape_metrics(server.addr).await;
+    let value = |name: &str, labels: &[(&str, &str)]| sample_value(&scrape, name, labels);
+    assert_eq!(value("confab_participants", &[]), Some(2.0));
+    assert_eq!(value("confab_rooms_by_mode", &[("mode", "p2p")]), Some(1.0));
+    for (from, to, reasons) in [
+        ("p2p", "to_sfu", &["join"][..]),
+        ("to_sfu", "sfu", &["media_ready", "timeout"][..]),
+        ("sfu", "to_p2p", &["return_delay"][..]),
+        ("to_p2p", "p2p", &["media_ready", "timeout"][..]),
+    ] {
+        let n: f64 = reasons
+            .iter()
+            .filter_map(|r| {
+                value(
+                    "confab_mode_switches_total",
+                    &[("from", from), ("to", to), ("reason", r)],
+                )
+            })
+            .sum();
+        assert_eq!(n, 1.0, "one switch {from} -> {to} ({reasons:?})");
+    }
+    let video = value("confab_forwarded_packets_total", &[("kind", "video")]).unwrap_or(0.0);
+    assert!(video > 100.0, "forwarded video packets: {video}");
+    let latency = histogram_count(&scrape, "confab_forward_latency_seconds");
+    assert!(
+        latency >= video / 2.0 / 2.0,
+        "forward latency observed {latency} times"
+    );
+    assert!(histogram_count(&scrape, "confab_join_latency_seconds") >= 3.0);
+    assert!(
+        value(
+            "confab_signaling_messages_total",
+            &[("type", "media_ready")]
+        )
+        .unwrap_or(0.0)
+            >= 4.0
+    );
 
     let stream_at_a = a.peer.stream(b.video_tag()).unwrap();
     println!(
