@@ -135,6 +135,11 @@ struct ServeArgs {
     /// exempt: a reverse proxy on the same host must limit joins itself).
     #[arg(long, env = "CONFAB_JOIN_RATE_LOOPBACK")]
     join_rate_loopback: bool,
+    /// Take the client address (join limit, logs) from the last
+    /// X-Forwarded-For entry. Only behind a reverse proxy or ingress that
+    /// sets it: otherwise clients choose their own address.
+    #[arg(long, env = "CONFAB_TRUST_FORWARDED_FOR")]
+    trust_forwarded_for: bool,
     /// UDP port of the SFU, shared by every participant (0: any free port).
     #[arg(long, env = "CONFAB_MEDIA_PORT", default_value_t = DEFAULT_MEDIA_PORT)]
     media_port: u16,
@@ -285,6 +290,7 @@ impl ServeArgs {
             join_rate_per_ip: self.join_rate_per_ip,
             join_burst_per_ip: self.join_burst_per_ip,
             join_rate_exempt_loopback: !self.join_rate_loopback,
+            trust_forwarded_for: self.trust_forwarded_for,
             ..Limits::default()
         };
         Config {

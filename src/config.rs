@@ -159,6 +159,10 @@ pub struct Limits {
     /// Exempt loopback clients from the join limit (a reverse proxy on the
     /// same host, local load tests).
     pub join_rate_exempt_loopback: bool,
+    /// Take the client address from the last `X-Forwarded-For` entry
+    /// (behind a reverse proxy or ingress that sets it); otherwise every
+    /// client would share the proxy's address.
+    pub trust_forwarded_for: bool,
 }
 
 impl Default for Limits {
@@ -177,6 +181,7 @@ impl Default for Limits {
             join_rate_per_ip: 5.0,
             join_burst_per_ip: 50.0,
             join_rate_exempt_loopback: true,
+            trust_forwarded_for: false,
         }
     }
 }

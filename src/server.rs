@@ -8,12 +8,12 @@
 //! and stops serving.
 
 use std::future::IntoFuture;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::ListenerExt;
@@ -351,9 +351,16 @@ async fn readyz_handler(State(state): State<AppState>) -> Response {
 
 async fn ws_handler(
     State(state): State<AppState>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let mut client = peer.ip();
+    if state.signal.config.limits.trust_forwarded_for {
+        if let Some(ip) = forwarded_for(&headers) {
+            client = ip;
+        }
+    }
     let Ok(permit) = Arc::clone(&state.connections).try_acquire_owned() else {
         state.signal.metrics.connections_refused.inc();
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
@@ -362,9 +369,20 @@ async fn ws_handler(
     ws.max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            session::run(socket, state.signal, client.ip()).await;
+            session::run(socket, state.signal, client).await;
             drop(permit);
         })
+}
+
+/// The last (nearest) address of the `X-Forwarded-For` headers: the one
+/// the trusted proxy itself saw.
+fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
+    let last = headers.get_all("x-forwarded-for").iter().next_back()?;
+    let entry = last.to_str().ok()?.rsplit(',').next()?.trim();
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|a| a.ip()))
 }
 
 async fn metrics_handler(State(state): State<AppState>) -> Response {

@@ -1276,8 +1276,13 @@ class Session {
     const { epoch } = this.mode;
     if (this.readySent.has(epoch) || !this.switchComplete()) return;
     this.readySent.add(epoch);
-    this.record('media_ready', { epoch, mode: this.mode.mode, afterMs: Math.round(performance.now() - this.modeSince) });
+    const afterMs = Math.round(performance.now() - this.modeSince);
+    this.record('media_ready', { epoch, mode: this.mode.mode, afterMs });
     this.send({ type: 'media_ready', epoch });
+    // For the operators' switch-gap histogram: how long from the switch
+    // until the new path showed frames from everyone it concerns.
+    const to = this.mode.mode === 'to_sfu' ? 'sfu' : 'p2p';
+    this.send({ type: 'switch_report', epoch, to, gap_ms: Math.min(afterMs, 60000) });
   }
 
   /** Whether something waits on fresh stats: a switch in progress, or a tile not on its wanted path. */

@@ -382,6 +382,16 @@ test('p2p → server when a third joins → p2p when it leaves, without frame ga
     await checkGaps('to_sfu again', browsers, names, rejoinStart, 'sfu');
     await shots('4-sfu-again', browsers);
 
+    // The clients reported each switch's gap; the server's histogram holds
+    // them (alice and bob: to_sfu twice, to_p2p once).
+    const text = await (await fetch(`${server.url}/metrics`)).text();
+    const count = (to) => Number(new RegExp(`^confab_mode_switch_gap_seconds_count\\{to="${to}"\\} (\\d+)`, 'm').exec(text)?.[1] ?? 0);
+    const sum = (to) => Number(new RegExp(`^confab_mode_switch_gap_seconds_sum\\{to="${to}"\\} ([0-9.e+-]+)`, 'm').exec(text)?.[1] ?? 0);
+    console.log(`switch gaps reported: to sfu ${count('sfu')} (mean ${Math.round(1000 * sum('sfu') / count('sfu'))} ms), `
+      + `to p2p ${count('p2p')} (mean ${Math.round(1000 * sum('p2p') / count('p2p'))} ms)`);
+    assert.ok(count('sfu') >= 4, `switch reports to sfu: ${count('sfu')}`);
+    assert.ok(count('p2p') >= 2, `switch reports to p2p: ${count('p2p')}`);
+
     assert.deepEqual(failures, [], 'make-before-break held at every receiver');
   } catch (err) {
     for (const b of browsers) {

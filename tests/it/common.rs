@@ -130,6 +130,22 @@ impl WsClient {
         }
     }
 
+    /// Connects with an `X-Forwarded-For` header, as through a proxy.
+    pub async fn connect_forwarded(addr: SocketAddr, forwarded_for: &str) -> WsClient {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("x-forwarded-for", forwarded_for.parse().unwrap());
+        let (ws, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("websocket connects");
+        WsClient {
+            ws,
+            skip_media: true,
+        }
+    }
+
     /// Connects from the local address `from` (any 127.x.y.z works on
     /// Linux loopback), to appear as another client address.
     pub async fn connect_from(addr: SocketAddr, from: std::net::IpAddr) -> WsClient {

@@ -738,3 +738,27 @@ async fn joins_are_limited_per_client_address() {
         1
     );
 }
+
+#[tokio::test]
+async fn behind_a_proxy_the_join_limit_uses_x_forwarded_for() {
+    let mut cfg = test_config();
+    cfg.limits.join_rate_per_ip = 0.1;
+    cfg.limits.join_burst_per_ip = 1.0;
+    cfg.limits.trust_forwarded_for = true;
+    let server = start_server_with(cfg).await;
+    let room = room_name("xff");
+    let join_as =
+        |name: &str| json!({"type": "join", "v": PROTOCOL_VERSION, "room": room, "name": name});
+    // Loopback is exempt, but the forwarded address is not.
+    let mut a = WsClient::connect_forwarded(server.addr, "198.51.100.7, 203.0.113.9").await;
+    a.send_json(join_as("a")).await;
+    assert_eq!(a.recv_json().await["type"], "joined");
+    let mut b = WsClient::connect_forwarded(server.addr, "203.0.113.9").await;
+    b.send_json(join_as("b")).await;
+    b.expect_error("too_many_joins", Some(1008)).await;
+    let mut c = WsClient::connect_forwarded(server.addr, "203.0.113.10").await;
+    c.send_json(join_as("c")).await;
+    assert_eq!(c.recv_json().await["type"], "joined");
+    // Without the header: the peer address (loopback, exempt).
+    let (_d, _) = join(server.addr, &room, "d").await;
+}
