@@ -420,3 +420,27 @@ async fn json_logs_carry_no_tokens_and_no_client_addresses() {
         assert!(status.expect("exits").success());
     }
 }
+
+#[test]
+fn every_setting_is_documented() {
+    let help = confab().args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ))
+    .unwrap();
+    let flags: Vec<&str> = help
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("--"))
+        .map(|l| l.split([' ', '<']).next().unwrap())
+        .filter(|f| *f != "help")
+        .collect();
+    assert!(flags.len() > 30, "{flags:?}");
+    for flag in flags {
+        assert!(
+            doc.contains(&format!("| `{flag}` |")),
+            "docs/configuration.md does not list `{flag}`"
+        );
+    }
+}
