@@ -124,6 +124,10 @@ struct ServeArgs {
     /// Simultaneous WebSocket connections.
     #[arg(long, env = "CONFAB_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
     max_connections: usize,
+    /// Rooms on the server; a join that would create another gets
+    /// `too_many_rooms`.
+    #[arg(long, env = "CONFAB_MAX_ROOMS", default_value_t = Limits::default().max_rooms)]
+    max_rooms: usize,
     /// Sustained joins per second from one client IP address (0: no
     /// limit); more get `too_many_joins`.
     #[arg(long, env = "CONFAB_JOIN_RATE_PER_IP", default_value_t = Limits::default().join_rate_per_ip)]
@@ -287,6 +291,7 @@ impl ServeArgs {
             rate_burst: self.rate_burst,
             max_participants: self.max_participants,
             max_connections: self.max_connections,
+            max_rooms: self.max_rooms,
             join_rate_per_ip: self.join_rate_per_ip,
             join_burst_per_ip: self.join_burst_per_ip,
             join_rate_exempt_loopback: !self.join_rate_loopback,

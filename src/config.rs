@@ -147,6 +147,9 @@ pub struct Limits {
     pub outbound_queue: usize,
     /// Simultaneous WebSocket connections; more get HTTP 503.
     pub max_connections: usize,
+    /// Rooms on the server; a join that would create another gets
+    /// `too_many_rooms`.
+    pub max_rooms: usize,
     /// Interval of server WebSocket pings.
     pub ping_interval: Duration,
     /// A socket silent this long is closed.
@@ -176,6 +179,7 @@ impl Default for Limits {
             max_participants: 16,
             outbound_queue: 256,
             max_connections: 1000,
+            max_rooms: 1000,
             ping_interval: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(45),
             join_rate_per_ip: 5.0,
@@ -285,6 +289,9 @@ impl Config {
         }
         if l.max_connections == 0 {
             return Err("--max-connections must be at least 1".into());
+        }
+        if l.max_rooms == 0 {
+            return Err("--max-rooms must be at least 1".into());
         }
         if self.metrics_listen == Some(self.listen) && self.listen.port() != 0 {
             return Err("--metrics-listen must differ from --listen".into());

@@ -121,6 +121,7 @@ impl Server {
         let rooms = Arc::new(Rooms::new(
             RoomSettings {
                 max_participants: config.limits.max_participants,
+                max_rooms: config.limits.max_rooms,
                 empty_room_timeout: config.empty_room_timeout,
                 ice_servers,
                 mode_policy: config.mode_policy,

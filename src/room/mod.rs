@@ -141,6 +141,8 @@ impl RoomHandle {
 pub struct RoomSettings {
     /// Members per room.
     pub max_participants: usize,
+    /// Rooms on the server; a join that would create one more is refused.
+    pub max_rooms: usize,
     /// Delay before an empty room is removed.
     pub empty_room_timeout: Duration,
     /// ICE servers sent in `joined`, with per-participant TURN credentials.
@@ -269,13 +271,16 @@ impl Rooms {
         // A closing room hands the participant back; retry on a fresh room.
         // One retry covers the race; the bound keeps a bug from spinning.
         for _ in 0..4 {
-            let handle = if self.is_draining() {
-                match self.map.get(room) {
-                    Some(h) => h.clone(),
-                    None => return Err(ErrorCode::Draining),
+            let existing = self.map.get(room).map(|h| h.clone());
+            let handle = match existing {
+                Some(h) => h,
+                None if self.is_draining() => return Err(ErrorCode::Draining),
+                // Racy by at most the joins creating rooms at this instant:
+                // a soft cap, which is what it is for.
+                None if self.map.len() >= self.settings.max_rooms => {
+                    return Err(ErrorCode::TooManyRooms)
                 }
-            } else {
-                self.get_or_create(room)
+                None => self.get_or_create(room),
             };
             let (reply_tx, reply_rx) = oneshot::channel();
             let command = Command::Join {
@@ -321,6 +326,7 @@ mod tests {
     fn never_p2p_rooms_override_the_policy() {
         let settings = RoomSettings {
             max_participants: 16,
+            max_rooms: 100,
             empty_room_timeout: Duration::from_secs(5),
             ice_servers: IceServerList::default(),
             mode_policy: ModePolicy::default(),

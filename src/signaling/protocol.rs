@@ -387,6 +387,8 @@ pub enum ErrorCode {
     Draining,
     /// Too many joins from the sender's address.
     TooManyJoins,
+    /// The server holds its maximum number of rooms.
+    TooManyRooms,
 }
 
 impl ErrorCode {
@@ -416,6 +418,7 @@ impl ErrorCode {
             ErrorCode::ServerShutdown => "server_shutdown",
             ErrorCode::Draining => "draining",
             ErrorCode::TooManyJoins => "too_many_joins",
+            ErrorCode::TooManyRooms => "too_many_rooms",
         }
     }
 }

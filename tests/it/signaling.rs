@@ -762,3 +762,26 @@ async fn behind_a_proxy_the_join_limit_uses_x_forwarded_for() {
     // Without the header: the peer address (loopback, exempt).
     let (_d, _) = join(server.addr, &room, "d").await;
 }
+
+#[tokio::test]
+async fn the_room_after_the_last_allowed_one_is_refused() {
+    let mut cfg = test_config();
+    cfg.limits.max_rooms = 3;
+    let server = start_server_with(cfg).await;
+    let rooms: Vec<String> = (0..3).map(|i| room_name(&format!("cap{i}"))).collect();
+    let mut members = Vec::new();
+    for r in &rooms {
+        members.push(join(server.addr, r, "m").await.0);
+    }
+    let mut extra = WsClient::connect(server.addr).await;
+    extra
+        .send_json(
+            json!({"type": "join", "v": PROTOCOL_VERSION, "room": room_name("cap3"), "name": "x"}),
+        )
+        .await;
+    extra.expect_error("too_many_rooms", Some(1008)).await;
+    // Existing rooms still admit members.
+    let (_more, joined) = join(server.addr, &rooms[0], "second").await;
+    assert_eq!(joined["members"].as_array().unwrap().len(), 1);
+    assert_eq!(server.metrics.rooms.get(), 3);
+}
