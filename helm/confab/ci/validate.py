@@ -38,13 +38,15 @@ SECRET = {"auth": {"jwtSecret": "0123456789abcdef0123"}}
 WORKLOADS = ("Deployment", "DaemonSet")
 
 failures = []
+quiet = [False]
 counts = {"value sets": 0, "objects validated": 0, "refusals": 0}
 
 
 def check(cond, what):
     if not cond:
         failures.append(what)
-        print(f"  FAIL {what}")
+        if not quiet[0]:
+            print(f"  FAIL {what}")
 
 
 def merge(*dicts):
@@ -139,8 +141,15 @@ def cross_references(name, objects, notes):
     labels = w["spec"]["template"]["metadata"]["labels"]
     where = f"{name}: "
 
-    # Probes: the server's routes, on the port it listens on.
+    # Probes: the server's routes, on the port it listens on (a --listen flag
+    # in args would override CONFAB_LISTEN).
+    args = c.get("args", [])
     listen = port_of(e["CONFAB_LISTEN"]["value"])
+    for i, a in enumerate(args):
+        if a.startswith("--listen="):
+            listen = port_of(a.split("=", 1)[1])
+        elif a == "--listen" and i + 1 < len(args):
+            listen = port_of(args[i + 1])
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = c[probe]["httpGet"]
         check(get["path"] == path, where + f"{probe} path {get['path']}")
@@ -397,6 +406,19 @@ e = env(objs)
 check(e["CONFAB_INSECURE"]["value"] == "true" and "CONFAB_JWT_SECRET" not in e, "dev mode env")
 check(("Secret", "confab") not in objs, "no Secret in dev mode")
 check("WARNING: dev mode" in notes, "dev mode warning")
+
+# The cross-reference check itself: a --listen flag that moves the server
+# off the port the probes use must be noticed.
+before = len(failures)
+objs, notes = render("args --listen=:9000", merge(SECRET, {"args": ["--listen=0.0.0.0:9000"]}))
+quiet[0] = True
+cross_references("args --listen=:9000", objs, notes)
+quiet[0] = False
+caught = len(failures) > before
+del failures[before:]
+check(caught, "a --listen flag off the probes' port is caught")
+if caught:
+    print("args --listen off the probes' port: caught by the cross-reference checks")
 
 # Bad values the schema refuses before any template runs.
 SCHEMA = "values don't meet the specifications of the schema"
