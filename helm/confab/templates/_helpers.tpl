@@ -188,3 +188,211 @@ would leave the media port unreachable.
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+The pod's terminationGracePeriodSeconds: the drain deadline plus a margin, so
+that Kubernetes never kills a drain before the server ends it itself.
+*/}}
+{{- define "confab.terminationGracePeriodSeconds" -}}
+{{- add (.Values.drain.timeoutSeconds | int64) (.Values.drain.graceMarginSeconds | int64) }}
+{{- end }}
+
+{{/*
+The address of the separate metrics listener, empty when /metrics stays on
+the HTTP port.
+*/}}
+{{- define "confab.metricsListen" -}}
+{{- if not (kindIs "invalid" .Values.metrics.port) }}
+{{- printf "%s:%d" .Values.server.listenHost (.Values.metrics.port | int) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the container (and Service) port that serves /metrics.
+*/}}
+{{- define "confab.metricsPortName" -}}
+{{- if include "confab.metricsListen" . }}metrics{{ else }}http{{ end }}
+{{- end }}
+
+{{/*
+True (non-empty) when the embedded TURN server runs.
+*/}}
+{{- define "confab.turnEnabled" -}}
+{{- if and .Values.turn.enabled .Values.hostNetwork }}true{{ end }}
+{{- end }}
+
+{{/*
+The container's CONFAB_* environment, as a YAML list (the server's settings;
+every flag of `confab serve` has such a variable). Kept in one place so that
+the config file check below knows which settings the chart already sets.
+*/}}
+{{- define "confab.env" -}}
+- name: CONFAB_LISTEN
+  value: {{ printf "%s:%d" .Values.server.listenHost (.Values.server.port | int) | quote }}
+{{- with include "confab.metricsListen" . }}
+- name: CONFAB_METRICS_LISTEN
+  value: {{ . | quote }}
+{{- end }}
+- name: CONFAB_DRAIN_TIMEOUT_SECS
+  value: {{ .Values.drain.timeoutSeconds | int64 | quote }}
+{{- if include "confab.hasSecret" . }}
+- name: CONFAB_JWT_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "confab.secretName" . | quote }}
+      key: {{ include "confab.secretKey" . | quote }}
+{{- else }}
+- name: CONFAB_INSECURE
+  value: "true"
+{{- end }}
+{{- with .Values.config }}
+- name: CONFAB_CONFIG
+  value: /etc/confab/confab.toml
+{{- end }}
+{{- with .Values.server.iceServers }}
+- name: CONFAB_ICE_SERVERS
+  value: {{ join "," . | quote }}
+{{- end }}
+- name: CONFAB_EMPTY_ROOM_SECS
+  value: {{ .Values.server.emptyRoomSecs | int64 | quote }}
+- name: CONFAB_MAX_PARTICIPANTS
+  value: {{ .Values.server.maxParticipants | int64 | quote }}
+- name: CONFAB_MAX_CONNECTIONS
+  value: {{ .Values.server.maxConnections | int64 | quote }}
+- name: CONFAB_MEDIA_PORT
+  value: {{ .Values.media.port | int64 | quote }}
+{{- with .Values.media.bind }}
+- name: CONFAB_MEDIA_BIND
+  value: {{ . | toString | quote }}
+{{- end }}
+{{- /* The address browsers reach the media port at, put into the SFU's ICE candidates. */}}
+- name: CONFAB_PUBLIC_IP
+{{- if .Values.media.publicIP }}
+  value: {{ .Values.media.publicIP | toString | quote }}
+{{- else }}
+{{- /* hostNetwork (validateMedia refuses the rest): the node's IP. */}}
+  valueFrom:
+    fieldRef:
+      fieldPath: status.hostIP
+{{- end }}
+- name: CONFAB_SFU_THRESHOLD
+  value: {{ .Values.sfu.threshold | int64 | quote }}
+- name: CONFAB_P2P_RETURN_DELAY_MS
+  value: {{ .Values.sfu.p2pReturnDelayMs | int64 | quote }}
+- name: CONFAB_SWITCH_TIMEOUT_MS
+  value: {{ .Values.sfu.switchTimeoutMs | int64 | quote }}
+{{- if .Values.sfu.neverP2P }}
+- name: CONFAB_NEVER_P2P
+  value: "true"
+{{- end }}
+{{- with .Values.sfu.neverP2PRooms }}
+- name: CONFAB_NEVER_P2P_ROOMS
+  value: {{ join "," . | quote }}
+{{- end }}
+{{- if .Values.sfu.srtpGcmOnly }}
+- name: CONFAB_SRTP_GCM_ONLY
+  value: "true"
+{{- end }}
+{{- if include "confab.turnEnabled" . }}
+- name: CONFAB_TURN_PORT
+  value: {{ .Values.turn.port | int64 | quote }}
+- name: CONFAB_TURN_RELAY_PORTS
+  value: {{ .Values.turn.relayPorts | toString | quote }}
+- name: CONFAB_TURN_USER_QUOTA
+  value: {{ .Values.turn.userQuota | int64 | quote }}
+- name: CONFAB_TURN_TOTAL_QUOTA
+  value: {{ .Values.turn.totalQuota | int64 | quote }}
+{{- else }}
+- name: CONFAB_NO_TURN
+  value: "true"
+{{- end }}
+- name: CONFAB_TURN_CREDENTIAL_TTL_SECS
+  value: {{ .Values.turn.credentialTtlSecs | int64 | quote }}
+{{- with .Values.turn.existingSecret }}
+- name: CONFAB_TURN_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ . | quote }}
+      key: {{ $.Values.turn.existingSecretKey | quote }}
+{{- end }}
+{{- with .Values.turn.external }}
+- name: CONFAB_TURN_EXTERNAL
+  value: {{ join "," . | quote }}
+{{- end }}
+- name: CONFAB_LOG
+  value: {{ .Values.server.log | quote }}
+- name: CONFAB_LOG_FORMAT
+  value: {{ .Values.server.logFormat | quote }}
+{{- end }}
+
+{{/*
+One TOML value: integers stay integers (Helm reads every YAML number as a
+float), strings and lists of strings as JSON, which TOML accepts as written.
+*/}}
+{{- define "confab.tomlValue" -}}
+{{- $v := . }}
+{{- if kindIs "bool" $v }}{{ $v }}
+{{- else if or (kindIs "float64" $v) (kindIs "float32" $v) }}
+{{- if eq ($v | int64 | float64) ($v | float64) }}{{ $v | int64 }}{{ else }}{{ $v }}{{ end }}
+{{- else if or (kindIs "int" $v) (kindIs "int64" $v) }}{{ $v }}
+{{- else if kindIs "slice" $v }}[{{ range $i, $e := $v }}{{ if $i }}, {{ end }}{{ include "confab.tomlValue" $e }}{{ end }}]
+{{- else }}{{ $v | toString | toJson }}
+{{- end }}
+{{- end }}
+
+{{/*
+The config file: `key = value` lines, keys as written (kebab-case flag names).
+*/}}
+{{- define "confab.configToml" -}}
+# confab serve --config; keys are the long flag names.
+{{- range $k, $v := .Values.config }}
+{{ $k }} = {{ include "confab.tomlValue" $v }}
+{{- end }}
+{{- end }}
+
+{{/*
+Refuses config file keys that would be ignored (the chart sets them as
+CONFAB_* variables, which take precedence over the file) or that are secrets.
+*/}}
+{{- define "confab.validateConfig" -}}
+{{- $set := dict }}
+{{- range (include "confab.env" . | fromYamlArray) }}
+{{- $_ := set $set .name true }}
+{{- end }}
+{{- $renamed := dict "ice-server" "CONFAB_ICE_SERVERS" "never-p2p-room" "CONFAB_NEVER_P2P_ROOMS" }}
+{{- range $key, $_ := .Values.config }}
+{{- if has $key (list "jwt-secret" "turn-secret" "turn-external-secret") }}
+{{- fail (printf "confab: config.%s is a secret and a ConfigMap is not: use auth.existingSecret (jwt-secret) or turn.existingSecret (turn-secret)" $key) }}
+{{- end }}
+{{- if eq $key "config" }}
+{{- fail "confab: config.config makes no sense: the chart passes this file as --config" }}
+{{- end }}
+{{- $var := get $renamed $key | default (printf "CONFAB_%s" ($key | upper | replace "-" "_")) }}
+{{- if hasKey $set $var }}
+{{- fail (printf "confab: config.%s would be ignored: the chart already sets %s from its values, and variables take precedence over the config file. Set it through the chart's value for it (values.yaml names the variable of each) instead." $key $var) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Refuses port and drain settings that clash.
+*/}}
+{{- define "confab.validatePorts" -}}
+{{- $http := .Values.server.port | int }}
+{{- $media := .Values.media.port | int }}
+{{- with include "confab.metricsListen" $ }}
+{{- $metrics := $.Values.metrics.port | int }}
+{{- if eq $metrics $http }}
+{{- fail (printf "confab: metrics.port (%d) must differ from server.port; leave it null to serve /metrics on server.port" $metrics) }}
+{{- end }}
+{{- end }}
+{{- if and (include "confab.turnEnabled" .) (eq (.Values.turn.port | int) $media) }}
+{{- fail (printf "confab: turn.port and media.port are both UDP port %d; give them different ports" $media) }}
+{{- end }}
+{{- if and (eq .Values.kind "DaemonSet") (eq .Values.updateStrategy.type "Recreate") }}
+{{- fail "confab: updateStrategy.type Recreate is for a Deployment; a DaemonSet takes RollingUpdate or OnDelete" }}
+{{- end }}
+{{- if and (eq .Values.kind "Deployment") (eq .Values.updateStrategy.type "OnDelete") }}
+{{- fail "confab: updateStrategy.type OnDelete is for a DaemonSet; a Deployment takes RollingUpdate or Recreate" }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,126 @@
+"""Checks the Grafana dashboard against the series the server exports.
+
+Usage: python3 check_dashboard.py confab-dashboard.json
+
+The dashboard must be valid JSON that Grafana can import, every query must go
+to the templated Prometheus data source, and every confab_* series a query
+names must be one the server exports (METRICS below, with its labels): a
+renamed metric or label shows up here rather than as an empty panel. Every
+exported series must appear on the dashboard too. Standard library only.
+"""
+
+import json
+import re
+import sys
+
+# The server's series (all prefixed confab_), with their labels; histograms
+# are used as <name>_bucket/_sum/_count.
+METRICS = {
+    "rooms": set(),
+    "participants": set(),
+    "ws_connections": set(),
+    "joins_total": set(),
+    "rooms_by_mode": {"mode"},
+    "mode_switches_total": {"from", "to", "reason"},
+    "mode_switch_gap_seconds": {"to"},
+    "forwarded_packets_total": {"kind"},
+    "forwarded_bytes_total": {"kind"},
+    "nack_total": set(),
+    "retransmitted_packets_total": set(),
+    "pli_total": set(),
+    "forward_latency_seconds": set(),
+    "signaling_messages_total": {"type"},
+    "errors_total": {"code"},
+    "join_latency_seconds": set(),
+    "server_legs": set(),
+    "media_dropped_datagrams_total": {"reason"},
+    "turn_allocations": set(),
+    "turn_allocations_total": set(),
+    "turn_relayed_packets_total": {"direction"},
+    "turn_relayed_bytes_total": {"direction"},
+    "turn_refused_total": {"reason"},
+    "draining": set(),
+}
+HISTOGRAMS = {"mode_switch_gap_seconds", "forward_latency_seconds", "join_latency_seconds"}
+# Labels Prometheus adds when it scrapes (and le of histogram buckets).
+TARGET_LABELS = {"instance", "job", "namespace", "pod", "service", "container", "endpoint"}
+DATASOURCE = "${DS_PROMETHEUS}"
+
+failures = []
+
+
+def check(cond, what):
+    if not cond:
+        failures.append(what)
+        print(f"  FAIL {what}")
+
+
+def series(expr):
+    """(metric, histogram suffix) for every confab_* name in a query."""
+    out = []
+    for name in re.findall(r"\bconfab_([a-z0-9_]+)", expr):
+        base, suffix = name, ""
+        for s in ("_bucket", "_sum", "_count"):
+            if name.endswith(s) and name[: -len(s)] in HISTOGRAMS:
+                base, suffix = name[: -len(s)], s
+        out.append((base, suffix))
+    return out
+
+
+def main(path):
+    with open(path, encoding="utf-8") as f:
+        dash = json.load(f)
+    check(isinstance(dash.get("title"), str) and dash["title"], "a title")
+    check(isinstance(dash.get("uid"), str) and 0 < len(dash["uid"]) <= 40, "a uid of at most 40 characters")
+    check(isinstance(dash.get("schemaVersion"), int), "a schemaVersion")
+    variables = {v["name"]: v for v in dash.get("templating", {}).get("list", [])}
+    ds = variables.get("DS_PROMETHEUS", {})
+    check(ds.get("type") == "datasource" and ds.get("query") == "prometheus", "DS_PROMETHEUS is a Prometheus data source variable")
+
+    panels = []
+    for p in dash["panels"]:
+        panels.append(p)
+        panels.extend(p.get("panels", []))
+    ids = [p["id"] for p in panels]
+    check(len(ids) == len(set(ids)), "panel ids are unique")
+    used = set()
+    queries = 0
+    for p in panels:
+        where = f"panel {p.get('title')!r}"
+        g = p.get("gridPos", {})
+        check(all(isinstance(g.get(k), int) for k in "hwxy") and g["x"] + g["w"] <= 24, f"{where}: gridPos {g}")
+        if p["type"] == "row":
+            continue
+        check(p.get("datasource", {}).get("uid") == DATASOURCE, f"{where}: data source {p.get('datasource')}")
+        check(bool(p.get("targets")), f"{where}: has queries")
+        for t in p.get("targets", []):
+            queries += 1
+            expr = t["expr"]
+            check(t.get("datasource", {}).get("uid") == DATASOURCE, f"{where}: query data source")
+            check(expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), f"{where}: brackets in {expr}")
+            found = series(expr)
+            check(bool(found), f"{where}: no confab_ series in {expr}")
+            labels = set(TARGET_LABELS)
+            for base, suffix in found:
+                check(base in METRICS, f"{where}: unknown series confab_{base}{suffix}")
+                check(base not in HISTOGRAMS or suffix, f"{where}: histogram confab_{base} used without _bucket/_sum/_count")
+                labels |= METRICS.get(base, set())
+                if suffix == "_bucket":
+                    labels.add("le")
+                used.add(base)
+            if "histogram_quantile" in expr:
+                check(all(s == "_bucket" for _, s in found) and "le" in expr, f"{where}: histogram_quantile over buckets by le")
+            for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+                for label in filter(None, (x.strip() for x in group.split(","))):
+                    check(label in labels, f"{where}: label {label!r} is not a label of {[b for b, _ in found]}")
+            for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", t.get("legendFormat", "")):
+                check(label in labels, f"{where}: legend label {label!r}")
+    missing = sorted(set(METRICS) - used)
+    check(not missing, f"series not on the dashboard: {missing}")
+    print(f"dashboard: {len(panels)} panels, {queries} queries, {len(used & set(METRICS))} of {len(METRICS)} series")
+    print(f"{len(failures)} failed" if failures else "all dashboard checks passed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
