@@ -1,6 +1,7 @@
 //! Prometheus metrics: one registry per server and one struct holding every
 //! metric handle, so that counting is a field access and not a lookup.
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -10,6 +11,8 @@ use prometheus::{
 #[derive(Debug, Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// Every metric's full name, in registration order.
+    names: Vec<String>,
     /// Live rooms.
     pub rooms: IntGauge,
     /// Live participants.
@@ -73,14 +76,22 @@ impl Metrics {
     pub fn new() -> Self {
         let registry =
             Registry::new_custom(Some("confab".into()), None).expect("a constant prefix is valid");
+        let names = std::cell::RefCell::new(Vec::new());
+        // Registers a metric and remembers its full name.
+        let reg = |c: Box<dyn Collector>| {
+            for desc in c.desc() {
+                names.borrow_mut().push(format!("confab_{}", desc.fq_name));
+            }
+            registry.register(c).expect("unique metric name");
+        };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique name");
+            reg(Box::new(g.clone()));
             g
         };
         let counter = |name: &str, help: &str| {
             let c = IntCounter::new(name, help).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique name");
+            reg(Box::new(c.clone()));
             c
         };
         let rooms = gauge("rooms", "Live rooms");
@@ -97,7 +108,7 @@ impl Metrics {
         );
         let counter_vec = |name: &str, help: &str, label: &str| {
             let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique name");
+            reg(Box::new(c.clone()));
             c
         };
         let messages_in = counter_vec(
@@ -130,9 +141,7 @@ impl Metrics {
         let rooms_by_mode =
             IntGaugeVec::new(Opts::new("rooms_by_mode", "Rooms by media mode"), &["mode"])
                 .expect("valid metric");
-        registry
-            .register(Box::new(rooms_by_mode.clone()))
-            .expect("unique name");
+        reg(Box::new(rooms_by_mode.clone()));
         let mode_switches = IntCounterVec::new(
             Opts::new(
                 "mode_switches_total",
@@ -141,13 +150,11 @@ impl Metrics {
             &["from", "to", "reason"],
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(mode_switches.clone()))
-            .expect("unique name");
+        reg(Box::new(mode_switches.clone()));
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
             let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
                 .expect("valid metric");
-            registry.register(Box::new(h.clone())).expect("unique name");
+            reg(Box::new(h.clone()));
             h
         };
         let mode_switch_gap = HistogramVec::new(
@@ -159,9 +166,7 @@ impl Metrics {
             &["to"],
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(mode_switch_gap.clone()))
-            .expect("unique name");
+        reg(Box::new(mode_switch_gap.clone()));
         let join_latency = histogram(
             "join_latency_seconds",
             "Time from a join message to the participant's server leg connecting",
@@ -198,8 +203,10 @@ impl Metrics {
             "TURN datagrams dropped unanswered, by reason",
             "reason",
         );
+        let names = names.into_inner();
         Metrics {
             registry,
+            names,
             rooms,
             participants,
             connections,
@@ -226,6 +233,12 @@ impl Metrics {
             turn_refused,
             turn_dropped,
         }
+    }
+
+    /// Every metric's full name (`confab_…`), including labelled families
+    /// that have no sample yet (the exposition leaves those out).
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// The text exposition format for `/metrics`.

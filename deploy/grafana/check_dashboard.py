@@ -10,38 +10,33 @@ exported series must appear on the dashboard too. Standard library only.
 """
 
 import json
+import pathlib
 import re
 import sys
 
-# The server's series (all prefixed confab_), with their labels; histograms
-# are used as <name>_bucket/_sum/_count.
-METRICS = {
-    "rooms": set(),
-    "participants": set(),
-    "ws_connections": set(),
-    "joins_total": set(),
-    "rooms_by_mode": {"mode"},
-    "mode_switches_total": {"from", "to", "reason"},
-    "mode_switch_gap_seconds": {"to"},
-    "forwarded_packets_total": {"kind"},
-    "forwarded_bytes_total": {"kind"},
-    "nack_total": set(),
-    "retransmitted_packets_total": set(),
-    "pli_total": set(),
-    "forward_latency_seconds": set(),
-    "signaling_messages_total": {"type"},
-    "errors_total": {"code"},
-    "join_latency_seconds": set(),
-    "server_legs": set(),
-    "media_dropped_datagrams_total": {"reason"},
-    "turn_allocations": set(),
-    "turn_allocations_total": set(),
-    "turn_relayed_packets_total": {"direction"},
-    "turn_relayed_bytes_total": {"direction"},
-    "turn_refused_total": {"reason"},
-    "draining": set(),
-}
-HISTOGRAMS = {"mode_switch_gap_seconds", "forward_latency_seconds", "join_latency_seconds"}
+# The server's series and their labels come from the metrics table of
+# docs/configuration.md, which a Rust test (tests/it/process.rs,
+# every_metric_is_documented) keeps equal to what the server registers.
+# Histograms are used as <name>_bucket/_sum/_count.
+DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+
+
+def documented_metrics():
+    metrics, histograms = {}, set()
+    for line in DOCS.read_text().splitlines():
+        m = re.match(r"\| `confab_([a-z0-9_]+)` \| (\w+) \| ([^|]*)\|", line)
+        if not m:
+            continue
+        name, kind, labels = m.groups()
+        # Label names are the backticked words outside parentheses.
+        outside = re.sub(r"\([^)]*\)", "", labels)
+        metrics[name] = set(re.findall(r"`([a-z_]+)`", outside))
+        if kind == "histogram":
+            histograms.add(name)
+    return metrics, histograms
+
+
+METRICS, HISTOGRAMS = documented_metrics()
 # Labels Prometheus adds when it scrapes (and le of histogram buckets).
 TARGET_LABELS = {"instance", "job", "namespace", "pod", "service", "container", "endpoint"}
 DATASOURCE = "${DS_PROMETHEUS}"

@@ -444,3 +444,27 @@ fn every_setting_is_documented() {
         );
     }
 }
+
+#[test]
+fn every_metric_is_documented() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ))
+    .unwrap();
+    let documented: std::collections::BTreeSet<String> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `confab_"))
+        .map(|l| format!("confab_{}", l.split('`').next().unwrap()))
+        .collect();
+    let metrics = confab::metrics::Metrics::new();
+    let exported: std::collections::BTreeSet<String> = metrics.names().iter().cloned().collect();
+    assert!(exported.len() >= 25, "{exported:?}");
+    let undocumented: Vec<_> = exported.difference(&documented).collect();
+    let stale: Vec<_> = documented.difference(&exported).collect();
+    assert!(
+        undocumented.is_empty(),
+        "not in docs/configuration.md: {undocumented:?}"
+    );
+    assert!(stale.is_empty(), "documented but not exported: {stale:?}");
+}
