@@ -13,7 +13,7 @@
 //! delivered packet): before a subscriber's downtrack exists, or before a
 //! key frame, the server rightly forwards nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use confab::config::Config;
@@ -1681,5 +1681,77 @@ async fn garbage_on_the_media_port() {
         "junk from an unvalidated address is dropped before any leg sees it"
     );
     assert_eq!(server.metrics.legs.get(), 2, "no leg was lost");
+    finish(members, server).await;
+}
+
+// ---------------------------------------------------------------------------
+// Rooms are isolated from each other
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sfu_rooms_never_receive_each_others_media() {
+    run_scenario("room isolation scenario", rooms_isolated()).await;
+}
+
+/// Two server-routed rooms of two members each on one server (one media
+/// port, one SFU task): every member receives its room-mate's stream and
+/// nothing with another room's tag, on any track of any leg.
+async fn rooms_isolated() {
+    let mut cfg = config();
+    cfg.mode_policy.never_p2p = true;
+    let server = start_server_with(cfg).await;
+    let since = Instant::now();
+    let (x, y) = (room_name("iso-x"), room_name("iso-y"));
+    let members = vec![
+        join_member(&server, &x, PeerConfig::video("x1").with_audio()).await,
+        join_member(&server, &y, PeerConfig::video("y1").with_audio()).await,
+        join_member(&server, &x, PeerConfig::video("x2").with_audio()).await,
+        join_member(&server, &y, PeerConfig::video("y2").with_audio()).await,
+    ];
+    let (in_x, in_y): (Vec<&Member>, Vec<&Member>) =
+        members.iter().partition(|m| m.name().starts_with('x'));
+    for room in [&in_x, &in_y] {
+        wait_all_mode(room, "sfu", since).await;
+        wait_all_rendering_via_server(room, since).await;
+    }
+    // Let media flow a while longer in both rooms.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut checked = 0usize;
+    for (room, other) in [(&in_x, &in_y), (&in_y, &in_x)] {
+        let foreign: BTreeSet<u32> = other.iter().flat_map(|m| m.tags()).collect();
+        for r in room.iter() {
+            let mate: BTreeSet<u32> = room
+                .iter()
+                .filter(|m| m.id != r.id)
+                .flat_map(|m| m.tags())
+                .collect();
+            let mut seen = BTreeSet::new();
+            for track in r.peer.received() {
+                for p in &track.packets {
+                    assert!(
+                        !foreign.contains(&p.tag),
+                        "{} received {:#010x} from the other room",
+                        r.name(),
+                        p.tag
+                    );
+                    assert!(
+                        mate.contains(&p.tag),
+                        "{} received an unknown stream {:#010x}",
+                        r.name(),
+                        p.tag
+                    );
+                    seen.insert(p.tag);
+                    checked += 1;
+                }
+            }
+            assert_eq!(
+                seen,
+                mate,
+                "{} receives its room-mate's audio and video",
+                r.name()
+            );
+        }
+    }
+    println!("room isolation: {checked} packets checked at 4 members in 2 rooms, none crossed");
     finish(members, server).await;
 }

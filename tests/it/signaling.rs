@@ -785,3 +785,29 @@ async fn the_room_after_the_last_allowed_one_is_refused() {
     assert_eq!(joined["members"].as_array().unwrap().len(), 1);
     assert_eq!(server.metrics.rooms.get(), 3);
 }
+
+#[tokio::test]
+async fn signaling_never_crosses_rooms() {
+    let server = start_server().await;
+    let (mut a, _) = join(server.addr, &room_name("cross-a"), "A").await;
+    let (mut b, jb) = join(server.addr, &room_name("cross-b"), "B").await;
+    let b_id = jb["participant_id"].as_str().unwrap().to_owned();
+    // A knows (or guesses) B's participant id: it is still not A's peer.
+    for ty in ["offer", "answer"] {
+        a.send_json(json!({"type": ty, "to": b_id, "sdp": "v=0"}))
+            .await;
+        a.expect_error("not_a_member", None).await;
+    }
+    a.send_json(json!({"type": "candidate", "to": b_id, "candidate": {"candidate": "candidate:1 1 udp 1 127.0.0.1 9 typ host"}}))
+        .await;
+    a.expect_error("not_a_member", None).await;
+    a.send_json(json!({"type": "media_state", "audio_muted": true, "video_muted": true}))
+        .await;
+    // B got none of it.
+    b.send_json(json!({"type": "ping", "id": "b"})).await;
+    let next = b.recv_json().await;
+    assert_eq!(
+        next["type"], "pong",
+        "B saw something from another room: {next}"
+    );
+}
