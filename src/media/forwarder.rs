@@ -17,6 +17,11 @@
 //! gaps, so retransmissions and reordering still line up. For video a new
 //! source starts only on a keyframe; until then its packets are dropped and
 //! the caller should ask the publisher for one ([`Drop::WaitingForKeyframe`]).
+//!
+//! A publisher that renumbers its stream without changing SSRC (its
+//! sequence jumps back, or more than half the sequence space ahead) would
+//! otherwise have every later packet dropped as old: two such packets in a
+//! row restart the source as a switch does (RFC 3550 appendix A.1).
 
 /// What the forwarder writes into each outgoing packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +84,8 @@ pub struct Forwarder {
     params: DownTrackParams,
     source: Option<Source>,
     last: Option<LastOut>,
+    /// The sequence number that would confirm a renumbered source.
+    resync: Option<u16>,
     forwarded: u64,
 }
 
@@ -93,6 +100,10 @@ fn extend(reference: u64, seq: u16) -> u64 {
 /// Base for extended sequence numbers (room to go back without underflow).
 const EXT_BASE: u64 = 1 << 32;
 
+/// How far behind the newest packet a packet may arrive and still count as
+/// reordered rather than as a renumbered stream (RFC 3550 appendix A.1).
+const MAX_MISORDER: u64 = 100;
+
 impl Forwarder {
     /// A forwarder that has not forwarded anything yet.
     pub fn new(params: DownTrackParams) -> Self {
@@ -100,6 +111,7 @@ impl Forwarder {
             params,
             source: None,
             last: None,
+            resync: None,
             forwarded: 0,
         }
     }
@@ -134,19 +146,33 @@ impl Forwarder {
         keyframe: bool,
         now_micros: u64,
     ) -> Verdict {
-        let source = match self.source {
-            Some(s) if s.ssrc == ssrc => s,
-            _ => {
+        let current = match self.source {
+            Some(s) if s.ssrc == ssrc => {
+                let ext = extend(s.highest, sequence);
+                if ext >= s.start && s.highest.saturating_sub(ext) < 1 << 15 {
+                    Some(s)
+                } else if self.restarted(s, ext, sequence) {
+                    // The publisher renumbered its stream: start it anew,
+                    // as after a pause.
+                    self.source = None;
+                    None
+                } else {
+                    return Verdict::Drop(Drop::TooOld);
+                }
+            }
+            _ => None,
+        };
+        let source = match current {
+            Some(s) => s,
+            None => {
                 if self.params.video && !keyframe {
                     return Verdict::Drop(Drop::WaitingForKeyframe);
                 }
                 self.switch_to(ssrc, sequence, timestamp, now_micros)
             }
         };
+        self.resync = None;
         let ext = extend(source.highest, sequence);
-        if ext < source.start || source.highest.saturating_sub(ext) >= 1 << 15 {
-            return Verdict::Drop(Drop::TooOld);
-        }
         let out_seq = sequence.wrapping_add(source.seq_offset);
         let out_ts = timestamp.wrapping_add(source.ts_offset);
         if ext > source.highest {
@@ -164,6 +190,22 @@ impl Forwarder {
             sequence: out_seq,
             timestamp: out_ts,
         }
+    }
+
+    /// A packet of the current source that cannot be placed (`ext`, from
+    /// before the source started or half the sequence space away): whether
+    /// it confirms that the publisher restarted its sequence numbers. As in
+    /// RFC 3550 appendix A.1, a packet far from the stream (more than
+    /// [`MAX_MISORDER`] behind) is dropped, and if the next one follows it
+    /// in order, the stream is taken as renumbered rather than as old.
+    fn restarted(&mut self, s: Source, ext: u64, sequence: u16) -> bool {
+        let far = s.highest.saturating_sub(ext) > MAX_MISORDER;
+        if far && self.resync == Some(sequence) {
+            self.resync = None;
+            return true;
+        }
+        self.resync = far.then(|| sequence.wrapping_add(1));
+        false
     }
 
     /// Starts forwarding a new source so that the output continues the
@@ -184,6 +226,7 @@ impl Forwarder {
             }
         };
         let start = EXT_BASE + u64::from(sequence);
+        self.resync = None;
         let source = Source {
             ssrc,
             seq_offset,
@@ -320,6 +363,37 @@ mod tests {
         let (s, _) = send(a.forward(9, 100, 0, false, 0));
         a.pause();
         assert_eq!(send(a.forward(9, 150, 48_000, false, 1_000_000)).0, s + 1);
+    }
+
+    #[test]
+    fn a_renumbered_source_restarts_after_two_packets_in_order() {
+        let mut a = Forwarder::new(AUDIO);
+        for s in 1000..1200u16 {
+            send(a.forward(7, s, u32::from(s) * 960, false, 0));
+        }
+        // A lone stray far back is only dropped.
+        assert_eq!(a.forward(7, 500, 0, false, 0), Verdict::Drop(Drop::TooOld));
+        assert_eq!(send(a.forward(7, 1200, 0, false, 0)).0, 1200);
+        // Renumbered from 40: one drop, then the stream goes on at 1201.
+        assert_eq!(a.forward(7, 40, 5, false, 0), Verdict::Drop(Drop::TooOld));
+        assert_eq!(send(a.forward(7, 41, 965, false, 20_000)).0, 1201);
+        assert_eq!(send(a.forward(7, 42, 1925, false, 40_000)).0, 1202);
+        // Video restarts on the next keyframe.
+        let mut v = Forwarder::new(VIDEO);
+        send(v.forward(7, 30_000, 0, true, 0));
+        for s in 30_001..30_300u16 {
+            send(v.forward(7, s, 0, false, 0));
+        }
+        assert_eq!(v.forward(7, 5, 0, false, 0), Verdict::Drop(Drop::TooOld));
+        assert_eq!(
+            v.forward(7, 6, 0, false, 0),
+            Verdict::Drop(Drop::WaitingForKeyframe)
+        );
+        assert_eq!(
+            v.forward(7, 7, 0, false, 0),
+            Verdict::Drop(Drop::WaitingForKeyframe)
+        );
+        assert_eq!(send(v.forward(7, 8, 0, true, 0)).0, 30_300);
     }
 
     #[test]

@@ -4,6 +4,8 @@
 
 /// The STUN magic cookie.
 const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
+/// The message type of a Binding request.
+const BINDING_REQUEST: [u8; 2] = [0x00, 0x01];
 /// The USERNAME attribute type.
 const ATTR_USERNAME: u16 = 0x0006;
 /// Fixed STUN header length.
@@ -16,13 +18,18 @@ pub fn is_stun(datagram: &[u8]) -> bool {
 }
 
 /// The local ufrag (the part before `:`) of the USERNAME attribute of a
-/// STUN message, if it has one.
+/// STUN Binding request that fills the datagram, if it has one. Nothing
+/// else is routed by username: ICE connectivity checks and consent
+/// freshness are Binding requests, and only they carry the ufrag pair.
 pub fn local_ufrag(datagram: &[u8]) -> Option<&str> {
-    if !is_stun(datagram) {
+    if !is_stun(datagram) || datagram[..2] != BINDING_REQUEST {
         return None;
     }
     let len = usize::from(u16::from_be_bytes([datagram[2], datagram[3]]));
-    let body = datagram.get(HEADER_LEN..HEADER_LEN + len)?;
+    if len % 4 != 0 || HEADER_LEN + len != datagram.len() {
+        return None;
+    }
+    let body = &datagram[HEADER_LEN..];
     let mut at = 0;
     while at + 4 <= body.len() {
         let kind = u16::from_be_bytes([body[at], body[at + 1]]);
@@ -76,5 +83,26 @@ mod tests {
         let mut lying = m;
         lying[3] = 0xff; // message length past the end
         assert_eq!(local_ufrag(&lying), None);
+    }
+
+    #[test]
+    fn only_whole_binding_requests_are_routed_by_ufrag() {
+        let m = binding_request(b"srv:cli");
+        let mut indication = m.clone();
+        indication[1] = 0x11;
+        assert_eq!(local_ufrag(&indication), None, "Binding indication");
+        let mut response = m.clone();
+        response[0] = 0x01;
+        assert_eq!(local_ufrag(&response), None, "Binding success response");
+        let mut trailing = m.clone();
+        trailing.extend_from_slice(&[0; 4]);
+        assert_eq!(local_ufrag(&trailing), None, "bytes after the message");
+        let mut short = m;
+        short[3] -= 4;
+        assert_eq!(
+            local_ufrag(&short),
+            None,
+            "message shorter than the datagram"
+        );
     }
 }

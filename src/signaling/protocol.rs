@@ -423,6 +423,10 @@ impl ErrorCode {
     }
 }
 
+/// Longest `detail` of a [`ParseError`], in bytes: serde's messages quote
+/// the offending value, which must not echo a large frame back.
+pub const MAX_ERROR_DETAIL: usize = 200;
+
 /// Why a text frame could not be turned into a [`ClientMessage`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseError {
@@ -466,9 +470,20 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ParseError> {
             detail: format!("unknown message type `{shown}`"),
         });
     }
-    let message: ClientMessage = serde_json::from_value(value).map_err(|e| ParseError {
-        code: ErrorCode::BadMessage,
-        detail: format!("bad `{ty}` message: {e}"),
+    let message: ClientMessage = serde_json::from_value(value).map_err(|e| {
+        let mut detail = format!("bad `{ty}` message: {e}");
+        if detail.len() > MAX_ERROR_DETAIL {
+            let mut cut = MAX_ERROR_DETAIL - 3;
+            while !detail.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            detail.truncate(cut);
+            detail.push_str("...");
+        }
+        ParseError {
+            code: ErrorCode::BadMessage,
+            detail,
+        }
     })?;
     if let ClientMessage::SwitchReport { to, gap_ms, .. } = &message {
         if !matches!(to, MediaMode::Sfu | MediaMode::P2p) {
@@ -544,6 +559,13 @@ mod tests {
                 ..
             })
         ));
+        let long = format!(
+            r#"{{"type":"join","v":"{}","room":"r","name":"n"}}"#,
+            "x".repeat(5000)
+        );
+        let e = parse_client_message(&long).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadMessage);
+        assert!(e.detail.len() <= MAX_ERROR_DETAIL, "{}", e.detail);
         let long_sdp = "a=x\n".repeat(MAX_SDP_LINES + 1);
         let msg = serde_json::json!({"type":"offer","to":"p-1","sdp":long_sdp}).to_string();
         assert_eq!(
