@@ -276,6 +276,14 @@ impl WsSender {
             .await
             .expect("send succeeds");
     }
+
+    /// Sends, reporting a closed socket instead of panicking.
+    pub async fn try_send_json(&mut self, v: Value) -> Result<(), String> {
+        self.sink
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// The receiving half of a [`WsClient`].

@@ -811,3 +811,71 @@ async fn signaling_never_crosses_rooms() {
         "B saw something from another room: {next}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooder_is_closed_while_others_keep_a_low_round_trip_time() {
+    let server = start_server().await;
+    let room = room_name("flood");
+    let (mut a, _) = join(server.addr, &room, "A").await;
+    let (flooder, _) = join(server.addr, &room, "F").await;
+    a.recv_type("participant_joined").await;
+    let (mut f_tx, mut f_rx) = flooder.into_split();
+    // Bounded: at most 20,000 messages or until the server closes it.
+    let flood = tokio::spawn(async move {
+        let mut sent = 0u32;
+        for i in 0..20_000u32 {
+            if f_tx
+                .try_send_json(json!({"type": "ping", "id": i}))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    });
+    let drain = tokio::spawn(async move { while f_rx.recv_json().await.is_some() {} });
+    let mut rtts = Vec::new();
+    let mut left = None;
+    for i in 0..20 {
+        let t0 = std::time::Instant::now();
+        a.send_json(json!({"type": "ping", "id": i})).await;
+        loop {
+            let v = a.recv_json().await;
+            if v["type"] == "pong" && v["id"] == i {
+                break;
+            }
+            if v["type"] == "participant_left" {
+                left = Some(v);
+            }
+        }
+        rtts.push(t0.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sent = tokio::time::timeout(STEP, flood).await.unwrap().unwrap();
+    let _ = tokio::time::timeout(STEP, drain).await;
+    let left = match left {
+        Some(v) => v,
+        None => a.recv_type("participant_left").await,
+    };
+    assert_eq!(left["reason"], "kicked", "the flooder was removed");
+    rtts.sort();
+    let (median, max) = (rtts[rtts.len() / 2], rtts[rtts.len() - 1]);
+    println!(
+        "flood: the flooder got {sent} messages out before it was closed; \
+         the other member's ping RTT median {median:?}, max {max:?}"
+    );
+    assert!(
+        max < Duration::from_millis(500),
+        "RTT {max:?} during a flood"
+    );
+    assert!(
+        server
+            .metrics
+            .errors
+            .with_label_values(&["rate_limited"])
+            .get()
+            >= 1
+    );
+}
