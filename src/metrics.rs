@@ -53,6 +53,13 @@ pub struct Metrics {
     pub turn_refused: IntCounterVec,
     /// TURN datagrams dropped unanswered, by reason.
     pub turn_dropped: IntCounterVec,
+    /// Live tokio tasks of the server's runtime, read at each scrape.
+    pub tasks: IntGauge,
+    /// Entries of the SFU's routing tables (ufrag and address routes).
+    pub media_routes: IntGauge,
+    /// Server legs the SFU closed as failed, by reason (`silent`,
+    /// `ice_failed`, `panic`).
+    pub legs_failed: IntCounterVec,
 }
 
 impl Metrics {
@@ -143,6 +150,16 @@ impl Metrics {
             "TURN datagrams dropped unanswered, by reason",
             "reason",
         );
+        let tasks = gauge("tasks", "Live tokio tasks (read at scrape time)");
+        let media_routes = gauge(
+            "media_routes",
+            "Entries of the SFU's routing tables (ICE ufrag and source address)",
+        );
+        let legs_failed = counter_vec(
+            "server_legs_failed_total",
+            "Server legs closed as failed, by reason (silent, ice_failed, panic)",
+            "reason",
+        );
         Metrics {
             registry,
             rooms,
@@ -166,11 +183,17 @@ impl Metrics {
             turn_relayed_bytes,
             turn_refused,
             turn_dropped,
+            tasks,
+            media_routes,
+            legs_failed,
         }
     }
 
     /// The text exposition format for `/metrics`.
     pub fn render(&self) -> String {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.tasks.set(runtime.metrics().num_alive_tasks() as i64);
+        }
         let mut buf = Vec::new();
         let encoder = TextEncoder::new();
         // Encoding into a Vec cannot fail for well-formed families.

@@ -498,6 +498,11 @@ impl Leg {
         reachable && downtrack.offered_in <= self.answered_generation
     }
 
+    /// Whether the leg has been connected at least once.
+    pub fn ever_connected(&self) -> bool {
+        self.ever_connected
+    }
+
     /// Records a new state reported by the engine.
     pub fn set_state(&mut self, state: LegState) {
         if state == LegState::Connected {

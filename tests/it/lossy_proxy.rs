@@ -59,6 +59,7 @@ pub(crate) struct LossyProxy {
     /// The address the client is pointed at.
     pub(crate) addr: SocketAddr,
     armed: Arc<AtomicBool>,
+    blackhole: Arc<AtomicBool>,
     stats: Arc<Mutex<ProxyStats>>,
     task: JoinHandle<()>,
 }
@@ -107,6 +108,7 @@ impl LossyProxy {
         let up = UdpSocket::bind("127.0.0.1:0").await.expect("relay binds");
         let addr = down.local_addr().unwrap();
         let armed = Arc::new(AtomicBool::new(false));
+        let blackhole = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Mutex::new(ProxyStats::default()));
         let task = tokio::spawn(relay(
             down,
@@ -119,11 +121,13 @@ impl LossyProxy {
                 towards,
             },
             armed.clone(),
+            blackhole.clone(),
             stats.clone(),
         ));
         LossyProxy {
             addr,
             armed,
+            blackhole,
             stats,
             task,
         }
@@ -132,6 +136,12 @@ impl LossyProxy {
     /// Starts or stops dropping.
     pub(crate) fn arm(&self, on: bool) {
         self.armed.store(on, Ordering::Relaxed);
+    }
+
+    /// Starts or stops dropping every datagram, both ways (the client's
+    /// network dies; its signaling may live on).
+    pub(crate) fn blackhole(&self, on: bool) {
+        self.blackhole.store(on, Ordering::Relaxed);
     }
 
     /// What happened so far.
@@ -185,6 +195,7 @@ async fn relay(
     server: SocketAddr,
     mut impairment: Impairment,
     armed: Arc<AtomicBool>,
+    blackhole: Arc<AtomicBool>,
     stats: Arc<Mutex<ProxyStats>>,
 ) {
     let mut client: Option<SocketAddr> = None;
@@ -196,6 +207,9 @@ async fn relay(
             r = down.recv_from(&mut from_client) => {
                 let Ok((n, src)) = r else { return };
                 client = Some(src);
+                if blackhole.load(Ordering::Relaxed) {
+                    continue;
+                }
                 let datagram = &from_client[..n];
                 if armed.load(Ordering::Relaxed)
                     && impairment.drops(datagram, Towards::Server, &mut seen, &stats)
@@ -208,7 +222,7 @@ async fn relay(
             r = up.recv_from(&mut from_server) => {
                 let Ok((n, src)) = r else { return };
                 let Some(client) = client else { continue };
-                if src != server {
+                if src != server || blackhole.load(Ordering::Relaxed) {
                     continue;
                 }
                 let datagram = &from_server[..n];
