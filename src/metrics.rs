@@ -60,6 +60,12 @@ pub struct Metrics {
     /// Server legs the SFU closed as failed, by reason (`silent`,
     /// `ice_failed`, `panic`).
     pub legs_failed: IntCounterVec,
+    /// NACK feedback packets received from subscribers.
+    pub nack: IntCounter,
+    /// RTP packets retransmitted to subscribers in answer to NACKs.
+    pub retransmitted: IntCounter,
+    /// Retransmissions not sent: the downtrack's budget was spent.
+    pub retransmissions_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -114,7 +120,7 @@ impl Metrics {
         let pli = counter("pli_total", "Keyframe requests sent to publishers");
         let media_dropped = counter_vec(
             "media_dropped_datagrams_total",
-            "Media datagrams dropped, by reason (unroutable, oversize, rejected)",
+            "Media datagrams dropped, by reason (unroutable, oversize, srtp, rejected)",
             "reason",
         );
         let rooms_by_mode =
@@ -160,6 +166,18 @@ impl Metrics {
             "Server legs closed as failed, by reason (silent, ice_failed, panic)",
             "reason",
         );
+        let nack = counter(
+            "nack_total",
+            "NACK feedback packets received from subscribers",
+        );
+        let retransmitted = counter(
+            "retransmitted_packets_total",
+            "RTP packets retransmitted to subscribers in answer to NACKs",
+        );
+        let retransmissions_dropped = counter(
+            "retransmissions_dropped_total",
+            "Retransmissions not sent because the downtrack's budget was spent",
+        );
         Metrics {
             registry,
             rooms,
@@ -186,6 +204,9 @@ impl Metrics {
             tasks,
             media_routes,
             legs_failed,
+            nack,
+            retransmitted,
+            retransmissions_dropped,
         }
     }
 

@@ -32,7 +32,7 @@ use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-use super::leg::{Forwarded, Kind, Leg};
+use super::leg::{Forwarded, Kind, Leg, LegCounters};
 use super::{stun, vp8};
 use crate::metrics::Metrics;
 use crate::signaling::protocol::{IceCandidate, LegState};
@@ -114,6 +114,8 @@ pub enum MediaCommand {
         router: RouterId,
         /// The participant.
         participant: String,
+        /// It holds the publish grant (else its media is never forwarded).
+        publish: bool,
     },
     /// Close the leg of `participant` and stop forwarding it to others.
     RemoveLeg {
@@ -453,10 +455,21 @@ impl Sfu {
             },
             message: BytesMut::from(data),
         };
+        // The engine logs and drops what SRTP refuses (a failed
+        // authentication, such as plain RTP; a replay; no keys yet) without
+        // an error: it shows as a datagram that no packet came out of.
+        let srtp = is_srtp(data);
+        let read_before = entry.leg.packets_read();
         // A bug in the engine triggered by one client's bytes must cost that
         // client its leg, not everyone their media.
         let result = catch_unwind(AssertUnwindSafe(|| entry.leg.pc().handle_read(message)));
         match result {
+            Ok(Ok(())) if srtp && entry.leg.packets_read() == read_before => {
+                self.metrics
+                    .media_dropped
+                    .with_label_values(&["srtp"])
+                    .inc();
+            }
             Ok(Ok(())) => entry.last_heard = Instant::now(),
             Ok(Err(e)) => {
                 self.metrics
@@ -602,7 +615,8 @@ impl Sfu {
             MediaCommand::AddLeg {
                 router,
                 participant,
-            } => self.add_leg(router, participant, now),
+                publish,
+            } => self.add_leg(router, participant, publish, now),
             MediaCommand::RemoveLeg {
                 router,
                 participant,
@@ -678,14 +692,27 @@ impl Sfu {
         }
     }
 
-    fn add_leg(&mut self, router: RouterId, participant: String, now: Instant) {
+    fn add_leg(&mut self, router: RouterId, participant: String, publish: bool, now: Instant) {
         let Some(r) = self.routers.get(&router) else {
             return;
         };
         if r.legs.iter().any(|(p, _)| *p == participant) {
             return;
         }
-        let mut leg = match Leg::new(&participant, self.advertised, self.srtp_gcm_only, now) {
+        let counters = LegCounters {
+            nack: self.metrics.nack.clone(),
+            retransmitted: self.metrics.retransmitted.clone(),
+            retransmissions_dropped: self.metrics.retransmissions_dropped.clone(),
+        };
+        let leg = Leg::with_counters(
+            &participant,
+            self.advertised,
+            self.srtp_gcm_only,
+            publish,
+            counters,
+            now,
+        );
+        let mut leg = match leg {
             Ok(leg) => leg,
             Err(e) => {
                 tracing::error!(error = %e, "cannot create a server leg");
@@ -875,7 +902,7 @@ impl Sfu {
                         RTCMessage::RtpPacket(track_id, mut packet) => {
                             #[cfg(debug_assertions)]
                             test_hooks::panic_on(&packet.payload);
-                            if !forwarding {
+                            if !forwarding || !leg.may_publish {
                                 continue;
                             }
                             let Some(kind) = leg.inbound_kind(&track_id) else {
