@@ -11,7 +11,7 @@
 //! everything while the relay is not armed. The RTP header (sequence number,
 //! SSRC) is not encrypted by SRTP, so the relay can read it.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -61,6 +61,11 @@ pub(crate) struct LossyProxy {
     armed: Arc<AtomicBool>,
     blackhole: Arc<AtomicBool>,
     stats: Arc<Mutex<ProxyStats>>,
+    /// The last client -> server RTP datagrams of the impaired payload type.
+    captured: Arc<Mutex<VecDeque<Vec<u8>>>>,
+    /// The socket the server knows as the client's.
+    up: Arc<UdpSocket>,
+    server: SocketAddr,
     task: JoinHandle<()>,
 }
 
@@ -105,14 +110,16 @@ impl LossyProxy {
         towards: Towards,
     ) -> LossyProxy {
         let down = UdpSocket::bind("127.0.0.1:0").await.expect("relay binds");
-        let up = UdpSocket::bind("127.0.0.1:0").await.expect("relay binds");
+        let up = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("relay binds"));
+        let captured = Arc::new(Mutex::new(VecDeque::new()));
         let addr = down.local_addr().unwrap();
         let armed = Arc::new(AtomicBool::new(false));
         let blackhole = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Mutex::new(ProxyStats::default()));
         let task = tokio::spawn(relay(
             down,
-            up,
+            up.clone(),
+            captured.clone(),
             server,
             Impairment {
                 loss,
@@ -129,6 +136,9 @@ impl LossyProxy {
             armed,
             blackhole,
             stats,
+            captured,
+            up,
+            server,
             task,
         }
     }
@@ -142,6 +152,21 @@ impl LossyProxy {
     /// network dies; its signaling may live on).
     pub(crate) fn blackhole(&self, on: bool) {
         self.blackhole.store(on, Ordering::Relaxed);
+    }
+
+    /// The last (up to 64) RTP datagrams of the impaired payload type the
+    /// client sent to the server, oldest first, as they went (SRTP).
+    pub(crate) fn captured(&self) -> Vec<Vec<u8>> {
+        self.captured.lock().unwrap().iter().cloned().collect()
+    }
+
+    /// Sends `datagram` to the server from the client's address as the
+    /// server knows it (the relay's socket).
+    pub(crate) async fn inject(&self, datagram: &[u8]) {
+        self.up
+            .send_to(datagram, self.server)
+            .await
+            .expect("injected");
     }
 
     /// What happened so far.
@@ -189,9 +214,11 @@ impl Impairment {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn relay(
     down: UdpSocket,
-    up: UdpSocket,
+    up: Arc<UdpSocket>,
+    captured: Arc<Mutex<VecDeque<Vec<u8>>>>,
     server: SocketAddr,
     mut impairment: Impairment,
     armed: Arc<AtomicBool>,
@@ -215,6 +242,13 @@ async fn relay(
                     && impairment.drops(datagram, Towards::Server, &mut seen, &stats)
                 {
                     continue;
+                }
+                if rtp_of_type(datagram, impairment.payload_type).is_some() {
+                    let mut c = captured.lock().unwrap();
+                    if c.len() == 64 {
+                        c.pop_front();
+                    }
+                    c.push_back(datagram.to_vec());
                 }
                 let _ = up.send_to(datagram, server).await;
                 stats.lock().unwrap().up += 1;
