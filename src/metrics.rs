@@ -69,6 +69,19 @@ pub struct Metrics {
     pub turn_refused: IntCounterVec,
     /// TURN datagrams dropped unanswered, by reason.
     pub turn_dropped: IntCounterVec,
+    /// Live tokio tasks of the server's runtime, read at each scrape.
+    pub tasks: IntGauge,
+    /// Entries of the SFU's routing tables (ufrag and address routes).
+    pub media_routes: IntGauge,
+    /// Server legs the SFU closed as failed, by reason (`silent`,
+    /// `ice_failed`, `panic`).
+    pub legs_failed: IntCounterVec,
+    /// NACK feedback packets received from subscribers.
+    pub nack: IntCounter,
+    /// RTP packets retransmitted to subscribers in answer to NACKs.
+    pub retransmitted: IntCounter,
+    /// Retransmissions not sent: the downtrack's budget was spent.
+    pub retransmissions_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -135,7 +148,7 @@ impl Metrics {
         let pli = counter("pli_total", "Keyframe requests sent to publishers");
         let media_dropped = counter_vec(
             "media_dropped_datagrams_total",
-            "Media datagrams dropped, by reason (unroutable, oversize, rejected)",
+            "Media datagrams dropped, by reason (unroutable, oversize, srtp, rejected)",
             "reason",
         );
         let rooms_by_mode =
@@ -203,6 +216,28 @@ impl Metrics {
             "TURN datagrams dropped unanswered, by reason",
             "reason",
         );
+        let tasks = gauge("tasks", "Live tokio tasks (read at scrape time)");
+        let media_routes = gauge(
+            "media_routes",
+            "Entries of the SFU's routing tables (ICE ufrag and source address)",
+        );
+        let legs_failed = counter_vec(
+            "server_legs_failed_total",
+            "Server legs closed as failed, by reason (silent, ice_failed, panic)",
+            "reason",
+        );
+        let nack = counter(
+            "nack_total",
+            "NACK feedback packets received from subscribers",
+        );
+        let retransmitted = counter(
+            "retransmitted_packets_total",
+            "RTP packets retransmitted to subscribers in answer to NACKs",
+        );
+        let retransmissions_dropped = counter(
+            "retransmissions_dropped_total",
+            "Retransmissions not sent because the downtrack's budget was spent",
+        );
         let names = names.into_inner();
         Metrics {
             registry,
@@ -232,6 +267,12 @@ impl Metrics {
             turn_relayed_bytes,
             turn_refused,
             turn_dropped,
+            tasks,
+            media_routes,
+            legs_failed,
+            nack,
+            retransmitted,
+            retransmissions_dropped,
         }
     }
 
@@ -243,6 +284,9 @@ impl Metrics {
 
     /// The text exposition format for `/metrics`.
     pub fn render(&self) -> String {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.tasks.set(runtime.metrics().num_alive_tasks() as i64);
+        }
         let mut buf = Vec::new();
         let encoder = TextEncoder::new();
         // Encoding into a Vec cannot fail for well-formed families.

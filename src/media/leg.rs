@@ -45,6 +45,11 @@ use rtc::sansio::Protocol;
 use super::forwarder::{DownTrackParams, Drop as FwdDrop, Forwarder, Verdict};
 use crate::signaling::protocol::LegState;
 
+/// SRTP replay window (packets): as long as the NACK responder's buffer.
+const SRTP_REPLAY_WINDOW: usize = 1024;
+/// SRTCP replay window (packets; the engine's default is 64).
+const SRTCP_REPLAY_WINDOW: usize = 128;
+
 /// Without STUN from the client for this long, a leg is `disconnected`.
 const ICE_DISCONNECTED_AFTER: std::time::Duration = std::time::Duration::from_secs(15);
 /// Without STUN for this long, a leg has `failed` (RFC 7675 consent: 30 s).
@@ -174,6 +179,168 @@ impl Interceptor for DeliverRtcp {
 /// ones, which keep seeing every RTCP packet).
 pub(crate) const DELIVER_RTCP_SLOT: u32 = 14_000;
 
+/// Slot of [`NackGuard`]: between the pacer (3 000) and the NACK responder
+/// (4 000), so that it reads NACKs before the responder does and sees the
+/// responder's retransmissions on their way to the wire.
+const NACK_GUARD_SLOT: usize = 3_500;
+/// Retransmission budget earned per original packet of a downtrack:
+/// retransmissions stay at most half the media rate however many NACKs a
+/// subscriber sends (5 % loss needs a tenth of it).
+pub const RETRANSMIT_SHARE: f64 = 0.5;
+/// The most retransmissions a downtrack may send at once (a burst loss of
+/// 64 packets, about 0.4 s of 1.5 Mbit/s video, is recovered in one go).
+pub const RETRANSMIT_BURST: f64 = 64.0;
+
+/// Counters a leg's interceptors report into (clones of the server's
+/// metrics; unregistered ones by default).
+#[derive(Debug, Clone)]
+pub struct LegCounters {
+    /// NACK feedback packets received from the subscriber.
+    pub nack: prometheus::IntCounter,
+    /// Packets retransmitted in answer to NACKs.
+    pub retransmitted: prometheus::IntCounter,
+    /// Retransmissions dropped because the downtrack's budget was spent.
+    pub retransmissions_dropped: prometheus::IntCounter,
+}
+
+impl Default for LegCounters {
+    fn default() -> Self {
+        let counter = |name: &str| prometheus::IntCounter::new(name, name).expect("valid name");
+        LegCounters {
+            nack: counter("nack"),
+            retransmitted: counter("retransmitted"),
+            retransmissions_dropped: counter("retransmissions_dropped"),
+        }
+    }
+}
+
+/// One outgoing SSRC as the guard sees it.
+#[derive(Debug, Clone, Copy)]
+struct GuardedStream {
+    /// Highest sequence number sent (an older one is a retransmission).
+    highest: u16,
+    /// Retransmissions it may still send.
+    tokens: f64,
+}
+
+/// Counts NACKs from the subscriber and bounds what the NACK responder
+/// sends back: every outgoing RTP packet whose sequence number is not newer
+/// than the highest one sent on its SSRC is a retransmission (the legs
+/// negotiate no RTX), and passes only against the SSRC's budget
+/// ([`RETRANSMIT_SHARE`] per original packet, at most [`RETRANSMIT_BURST`]
+/// saved). NACKs for unknown SSRCs or audio never cost anything: the
+/// responder keeps packets of NACK-capable (video) streams only.
+///
+/// The state is one entry per outgoing SSRC of the leg (two per other
+/// member), removed when the engine unbinds the stream.
+pub(crate) struct NackGuard {
+    read: std::collections::VecDeque<TaggedPacket>,
+    write: std::collections::VecDeque<TaggedPacket>,
+    streams: HashMap<u32, GuardedStream>,
+    counters: LegCounters,
+    /// RTP and RTCP packets read (decrypted) so far; shared with the leg.
+    reads: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl NackGuard {
+    pub(crate) fn new(
+        counters: LegCounters,
+        reads: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> NackGuard {
+        NackGuard {
+            read: Default::default(),
+            write: Default::default(),
+            streams: HashMap::new(),
+            counters,
+            reads,
+        }
+    }
+
+    /// Whether an outgoing RTP packet may go (and books it).
+    fn admit(&mut self, ssrc: u32, sequence: u16) -> bool {
+        let Some(s) = self.streams.get_mut(&ssrc) else {
+            self.streams.insert(
+                ssrc,
+                GuardedStream {
+                    highest: sequence,
+                    tokens: RETRANSMIT_SHARE,
+                },
+            );
+            return true;
+        };
+        let ahead = sequence.wrapping_sub(s.highest);
+        if ahead != 0 && ahead < 0x8000 {
+            s.highest = sequence;
+            s.tokens = (s.tokens + RETRANSMIT_SHARE).min(RETRANSMIT_BURST);
+            return true;
+        }
+        if s.tokens >= 1.0 {
+            s.tokens -= 1.0;
+            self.counters.retransmitted.inc();
+            true
+        } else {
+            self.counters.retransmissions_dropped.inc();
+            false
+        }
+    }
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for NackGuard {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let IPacket::Rtcp(packets) = &msg.message.packet {
+            let nacks = packets
+                .iter()
+                .filter(|p| {
+                    p.as_any()
+                        .downcast_ref::<rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack>()
+                        .is_some()
+                })
+                .count();
+            self.counters.nack.inc_by(nacks as u64);
+        }
+        self.read.push_back(msg);
+        Ok(())
+    }
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.read.pop_front()
+    }
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let IPacket::Rtp(p) = &msg.message.packet {
+            if !self.admit(p.header.ssrc, p.header.sequence_number) {
+                return Ok(());
+            }
+        }
+        self.write.push_back(msg);
+        Ok(())
+    }
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.write.pop_front()
+    }
+    fn handle_timeout(&mut self, _now: Instant) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        None
+    }
+}
+
+impl Interceptor for NackGuard {
+    fn bind_local_stream(&mut self, _: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, info: &StreamInfo) {
+        self.streams.remove(&info.ssrc);
+    }
+    fn bind_remote_stream(&mut self, _: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _: &StreamInfo) {}
+}
+
 /// What became of one packet offered to one subscriber's downtrack
 /// ([`Leg::forward`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,6 +378,10 @@ pub struct Leg {
     pub ufrag: String,
     pc: RTCPeerConnection,
     publish: [RTCRtpTransceiverId; 2],
+    /// The participant holds the publish grant: its media is forwarded.
+    pub may_publish: bool,
+    /// RTP and RTCP packets its engine decrypted (counted by [`NackGuard`]).
+    reads: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Kinds of the participant's incoming tracks, by track id.
     inbound: HashMap<String, Kind>,
     /// Downtracks by publisher id, `[audio, video]`.
@@ -260,6 +431,29 @@ impl Leg {
         gcm_only: bool,
         now: Instant,
     ) -> Result<Leg, LegError> {
+        Leg::with_counters(
+            participant,
+            advertised,
+            gcm_only,
+            true,
+            LegCounters::default(),
+            now,
+        )
+    }
+
+    /// [`Leg::new`] whose interceptors count into `counters`; without
+    /// `publish` (the participant's token lacks the publish grant) nothing
+    /// the participant sends is taken as media. (The publish slots are
+    /// still offered `recvonly`: offered `inactive`, the first section,
+    /// which BUNDLE tags, left webrtc-rs clients unable to connect.)
+    pub fn with_counters(
+        participant: &str,
+        advertised: SocketAddr,
+        gcm_only: bool,
+        publish: bool,
+        counters: LegCounters,
+        now: Instant,
+    ) -> Result<Leg, LegError> {
         // The DTLS client's order decides among these (the browser is the
         // DTLS client here, and Chromium lists AES-CM first), so preferring
         // GCM is only possible by offering nothing else.
@@ -280,7 +474,15 @@ impl Leg {
             // may space consent checks 4-6 s apart (RFC 7675) and consent
             // expires after 30 s: the defaults (5 s) flapped aiortc's legs.
             .with_ice_timeouts(Some(ICE_DISCONNECTED_AFTER), Some(ICE_FAILED_AFTER), None)
+            // Replayed SRTP/SRTCP is refused within these windows. The
+            // engine's default window is 64 packets (0.4 s of 1.5 Mbit/s
+            // video): a publisher's retransmission answering the server's
+            // NACK later than that would be refused as if replayed. The
+            // SRTP window spans the NACK buffer instead.
+            .with_srtp_replay_protection_window(SRTP_REPLAY_WINDOW)
+            .with_srtcp_replay_protection_window(SRTCP_REPLAY_WINDOW)
             .build();
+        let reads = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut media_engine = MediaEngine::default();
         for (kind, codec) in [(Kind::Audio, opus()), (Kind::Video, vp8())] {
             media_engine
@@ -293,10 +495,15 @@ impl Leg {
                 )
                 .map_err(err)?;
         }
-        let registry = Registry::new().with(
-            Slot::from(DELIVER_RTCP_SLOT as usize),
-            DeliverRtcp::default(),
-        );
+        let registry = Registry::new()
+            .with(
+                Slot::from(DELIVER_RTCP_SLOT as usize),
+                DeliverRtcp::default(),
+            )
+            .with(
+                Slot::from(NACK_GUARD_SLOT),
+                NackGuard::new(counters, reads.clone()),
+            );
         let registry = register_default_interceptors(registry, &mut media_engine).map_err(err)?;
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
@@ -305,9 +512,9 @@ impl Leg {
             .with_interceptor_registry(registry)
             .build(now)
             .map_err(err)?;
-        let mut publish = [RTCRtpTransceiverId::default(); 2];
+        let mut slots = [RTCRtpTransceiverId::default(); 2];
         for kind in Kind::ALL {
-            publish[kind as usize] = pc
+            slots[kind as usize] = pc
                 .add_transceiver_from_kind(
                     kind.rtc(),
                     Some(RTCRtpTransceiverInit {
@@ -339,7 +546,9 @@ impl Leg {
             participant: participant.to_owned(),
             ufrag,
             pc,
-            publish,
+            publish: slots,
+            may_publish: publish,
+            reads,
             inbound: HashMap::new(),
             downtracks: HashMap::new(),
             offer_generation: 0,
@@ -498,6 +707,17 @@ impl Leg {
         reachable && downtrack.offered_in <= self.answered_generation
     }
 
+    /// RTP and RTCP packets read from the client so far (after SRTP): a
+    /// datagram that leaves it unchanged produced nothing.
+    pub fn packets_read(&self) -> u64 {
+        self.reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the leg has been connected at least once.
+    pub fn ever_connected(&self) -> bool {
+        self.ever_connected
+    }
+
     /// Records a new state reported by the engine.
     pub fn set_state(&mut self, state: LegState) {
         if state == LegState::Connected {
@@ -606,5 +826,99 @@ impl Leg {
             RTCPeerConnectionState::Failed => Some(LegState::Failed),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard() -> NackGuard {
+        NackGuard::new(LegCounters::default(), Default::default())
+    }
+
+    /// Sends `n` original packets on `ssrc` from `first`; returns the next
+    /// sequence number.
+    fn originals(g: &mut NackGuard, ssrc: u32, first: u16, n: u16) -> u16 {
+        for i in 0..n {
+            assert!(g.admit(ssrc, first.wrapping_add(i)), "original {i}");
+        }
+        first.wrapping_add(n)
+    }
+
+    #[test]
+    fn retransmissions_are_capped_at_half_the_media_packets() {
+        let mut g = guard();
+        let next = originals(&mut g, 7, 1000, 100);
+        // A storm asking for the same recent packets again and again.
+        let passed = (0..1000)
+            .filter(|i| g.admit(7, next - 1 - (i % 17) as u16))
+            .count();
+        assert_eq!(passed, 50, "0.5 per original packet");
+        assert_eq!(g.counters.retransmitted.get(), 50);
+        assert_eq!(g.counters.retransmissions_dropped.get(), 950);
+        // The budget refills only with media.
+        originals(&mut g, 7, next, 10);
+        assert_eq!((0..100).filter(|_| g.admit(7, next)).count(), 5);
+    }
+
+    #[test]
+    fn the_saved_budget_is_bounded_by_the_burst() {
+        let mut g = guard();
+        let next = originals(&mut g, 7, 0, 10_000);
+        let passed = (0..1000).filter(|_| g.admit(7, next - 5)).count();
+        assert_eq!(passed, RETRANSMIT_BURST as usize);
+    }
+
+    #[test]
+    fn sequence_wrap_is_media_not_retransmission() {
+        let mut g = guard();
+        originals(&mut g, 7, 65_500, 100); // crosses 65535 -> 0
+        assert_eq!(g.counters.retransmitted.get(), 0);
+        assert_eq!(g.counters.retransmissions_dropped.get(), 0);
+        assert_eq!(g.streams[&7].highest, 65_500u16.wrapping_add(99));
+    }
+
+    #[test]
+    fn budgets_are_per_ssrc_and_state_is_one_entry_per_ssrc() {
+        let mut g = guard();
+        let next = originals(&mut g, 1, 0, 10);
+        originals(&mut g, 2, 0, 1000);
+        // SSRC 1's budget (5) is not SSRC 2's (64).
+        assert_eq!((0..100).filter(|_| g.admit(1, next - 1)).count(), 5);
+        assert_eq!(g.streams.len(), 2);
+        g.unbind_local_stream(&StreamInfo {
+            ssrc: 1,
+            ..Default::default()
+        });
+        assert_eq!(g.streams.len(), 1);
+    }
+
+    #[test]
+    fn nacks_are_counted_and_passed_on() {
+        use rtc::rtcp::transport_feedbacks::transport_layer_nack::{NackPair, TransportLayerNack};
+        let mut g = guard();
+        let nack = |ssrc| -> Box<dyn rtc::rtcp::Packet> {
+            Box::new(TransportLayerNack {
+                sender_ssrc: 0,
+                media_ssrc: ssrc,
+                nacks: vec![NackPair {
+                    packet_id: 1,
+                    lost_packets: 0xffff,
+                }],
+            })
+        };
+        let msg = TaggedPacket {
+            now: Instant::now(),
+            transport: Default::default(),
+            message: rtc::interceptor::AttributedPacket::new(IPacket::Rtcp(vec![
+                nack(1),
+                nack(2),
+                Box::new(PictureLossIndication::default()),
+            ])),
+        };
+        g.handle_read(msg).unwrap();
+        assert_eq!(g.counters.nack.get(), 2);
+        assert!(g.poll_read().is_some(), "the responder still sees them");
     }
 }

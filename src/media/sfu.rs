@@ -33,7 +33,7 @@ use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-use super::leg::{Forwarded, Kind, Leg};
+use super::leg::{Forwarded, Kind, Leg, LegCounters};
 use super::{stun, vp8};
 use crate::metrics::Metrics;
 use crate::signaling::protocol::{IceCandidate, LegState};
@@ -53,6 +53,17 @@ const MAX_SLEEP: Duration = Duration::from_millis(100);
 /// queued) before the legs are drained and flushed: every subscriber leg
 /// then has one datagram per publisher packet read, which go out together.
 const RECV_BATCH: usize = 32;
+/// A leg that was connected and has heard nothing valid from its client
+/// (no STUN check, DTLS record or SRTP/SRTCP packet its engine accepted)
+/// for this long is closed as failed. Media and RTCP flow all the time in
+/// server-routed modes; a warm leg in `p2p` still gets consent checks
+/// every 4-6 s (RFC 7675; browsers and webrtc-rs check every 2-2.5 s), so
+/// this tolerates one lost check at the slowest pace. The engine's own
+/// ICE timers count STUN only and fail a leg after 30 s (consent expiry),
+/// too late for the others, who would see a frozen member meanwhile.
+pub const LEG_SILENCE_TIMEOUT: Duration = Duration::from_secs(12);
+/// How often the SFU looks for silent legs.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 /// Most datagrams in one UDP GSO send (the kernel's limit is 64).
 const GSO_MAX_SEGMENTS: usize = 32;
 
@@ -104,6 +115,8 @@ pub enum MediaCommand {
         router: RouterId,
         /// The participant.
         participant: String,
+        /// It holds the publish grant (else its media is never forwarded).
+        publish: bool,
     },
     /// Close the leg of `participant` and stop forwarding it to others.
     RemoveLeg {
@@ -201,6 +214,56 @@ struct Router {
 struct LegEntry {
     router: RouterId,
     leg: Leg,
+    /// When its engine last accepted a datagram from its client.
+    last_heard: Instant,
+}
+
+/// Why a leg was closed as failed (the `reason` of
+/// `confab_server_legs_failed_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LegFailure {
+    /// Nothing heard for [`LEG_SILENCE_TIMEOUT`].
+    Silent,
+    /// The engine declared ICE failed.
+    IceFailed,
+    /// The engine panicked while handling this leg.
+    Panic,
+}
+
+impl LegFailure {
+    fn as_str(self) -> &'static str {
+        match self {
+            LegFailure::Silent => "silent",
+            LegFailure::IceFailed => "ice_failed",
+            LegFailure::Panic => "panic",
+        }
+    }
+}
+
+/// Test-only fault injection, compiled into debug builds only and inert
+/// until a test arms it: a release build has no trace of it, and a debug
+/// `confab` binary never arms it.
+#[cfg(debug_assertions)]
+#[doc(hidden)]
+pub mod test_hooks {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static ARMED: AtomicBool = AtomicBool::new(false);
+
+    /// An RTP payload starting with this makes the SFU panic while it
+    /// processes the publishing leg.
+    pub const PANIC_PAYLOAD: &[u8] = b"CONFAB-TEST-HOOK-PANIC";
+
+    /// Arms the hooks for this process.
+    pub fn arm() {
+        ARMED.store(true, Ordering::Relaxed);
+    }
+
+    pub(super) fn panic_on(payload: &[u8]) {
+        if ARMED.load(Ordering::Relaxed) && payload.starts_with(PANIC_PAYLOAD) {
+            panic!("test hook: forced panic while processing a leg");
+        }
+    }
 }
 
 /// One packet to fan out.
@@ -243,6 +306,10 @@ pub struct Sfu {
     /// loop turn.
     turn_forwarded: u32,
     latency_flushed: Instant,
+    /// Next look for silent legs.
+    next_sweep: Instant,
+    /// Legs whose engine panicked during a drain or flush, closed after it.
+    broken: Vec<LegKey>,
 }
 
 /// How often the loop publishes its latency observations (a flush is a
@@ -303,6 +370,8 @@ impl Sfu {
             turn_forwarded: 0,
             latency_flushed: Instant::now(),
             metrics,
+            next_sweep: Instant::now() + SWEEP_INTERVAL,
+            broken: Vec::new(),
         };
         Ok((
             sfu,
@@ -362,6 +431,9 @@ impl Sfu {
             // Packets read in this turn leave in it: from here to the end
             // of `drain` (which sends) is their time inside the server.
             let woke = Instant::now();
+            if Instant::now() >= self.next_sweep {
+                self.sweep();
+            }
             self.drain().await;
             if self.turn_forwarded > 0 {
                 let secs = woke.elapsed().as_secs_f64();
@@ -412,11 +484,22 @@ impl Sfu {
             },
             message: BytesMut::from(data),
         };
+        // The engine logs and drops what SRTP refuses (a failed
+        // authentication, such as plain RTP; a replay; no keys yet) without
+        // an error: it shows as a datagram that no packet came out of.
+        let srtp = is_srtp(data);
+        let read_before = entry.leg.packets_read();
         // A bug in the engine triggered by one client's bytes must cost that
         // client its leg, not everyone their media.
         let result = catch_unwind(AssertUnwindSafe(|| entry.leg.pc().handle_read(message)));
         match result {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) if srtp && entry.leg.packets_read() == read_before => {
+                self.metrics
+                    .media_dropped
+                    .with_label_values(&["srtp"])
+                    .inc();
+            }
+            Ok(Ok(())) => entry.last_heard = Instant::now(),
             Ok(Err(e)) => {
                 self.metrics
                     .media_dropped
@@ -425,23 +508,35 @@ impl Sfu {
                 tracing::trace!(error = %e, "datagram rejected by its leg");
             }
             Err(_) => {
-                self.fail_leg(key, "panicked on a datagram");
+                self.fail_leg(key, LegFailure::Panic);
                 return;
             }
         }
         self.dirty.insert(key);
     }
 
-    /// Drops a leg whose engine panicked, and tells its room.
-    fn fail_leg(&mut self, key: LegKey, what: &str) {
+    /// Closes a leg that failed (its engine panicked, ICE failed, or its
+    /// client went silent): the other members' downtracks of it are
+    /// retired by a new offer, and the room hears `failed`. The participant
+    /// stays in the room (its signaling may well be alive); its leg is not
+    /// reused.
+    fn fail_leg(&mut self, key: LegKey, why: LegFailure) {
         let Some(entry) = self.legs.get(&key) else {
             return;
         };
         let (router, participant) = (entry.router, entry.leg.participant.clone());
-        tracing::error!(%participant, "server leg {what}; closed");
-        if let Some(r) = self.routers.get_mut(&router) {
-            r.legs.retain(|(_, k)| *k != key);
+        match why {
+            LegFailure::Panic => {
+                tracing::error!(%participant, "server leg panicked; closed")
+            }
+            _ => tracing::warn!(%participant, reason = why.as_str(), "server leg failed; closed"),
         }
+        self.metrics
+            .legs_failed
+            .with_label_values(&[why.as_str()])
+            .inc();
+        self.remove_leg(router, &participant, Instant::now());
+        // Not in its router's list (should not happen): drop it anyway.
         self.drop_leg(key);
         self.emit(
             router,
@@ -475,7 +570,36 @@ impl Sfu {
             self.dirty.insert(key);
         }
         for key in panicked {
-            self.fail_leg(key, "panicked in a timer");
+            self.fail_leg(key, LegFailure::Panic);
+        }
+    }
+
+    /// Closes legs that went silent (see [`LEG_SILENCE_TIMEOUT`]) and
+    /// publishes the size of the routing tables.
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        self.next_sweep = now + SWEEP_INTERVAL;
+        let silent: Vec<LegKey> = self
+            .legs
+            .iter()
+            .filter(|(_, e)| {
+                e.leg.ever_connected()
+                    && now.saturating_duration_since(e.last_heard) >= LEG_SILENCE_TIMEOUT
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in silent {
+            self.fail_leg(key, LegFailure::Silent);
+        }
+        self.metrics
+            .media_routes
+            .set((self.by_ufrag.len() + self.by_addr.len()) as i64);
+    }
+
+    /// Closes the legs that panicked during the last drain or flush.
+    fn reap(&mut self) {
+        while let Some(key) = self.broken.pop() {
+            self.fail_leg(key, LegFailure::Panic);
         }
     }
 
@@ -520,7 +644,8 @@ impl Sfu {
             MediaCommand::AddLeg {
                 router,
                 participant,
-            } => self.add_leg(router, participant, now),
+                publish,
+            } => self.add_leg(router, participant, publish, now),
             MediaCommand::RemoveLeg {
                 router,
                 participant,
@@ -596,14 +721,27 @@ impl Sfu {
         }
     }
 
-    fn add_leg(&mut self, router: RouterId, participant: String, now: Instant) {
+    fn add_leg(&mut self, router: RouterId, participant: String, publish: bool, now: Instant) {
         let Some(r) = self.routers.get(&router) else {
             return;
         };
         if r.legs.iter().any(|(p, _)| *p == participant) {
             return;
         }
-        let mut leg = match Leg::new(&participant, self.advertised, self.srtp_gcm_only, now) {
+        let counters = LegCounters {
+            nack: self.metrics.nack.clone(),
+            retransmitted: self.metrics.retransmitted.clone(),
+            retransmissions_dropped: self.metrics.retransmissions_dropped.clone(),
+        };
+        let leg = Leg::with_counters(
+            &participant,
+            self.advertised,
+            self.srtp_gcm_only,
+            publish,
+            counters,
+            now,
+        );
+        let mut leg = match leg {
             Ok(leg) => leg,
             Err(e) => {
                 tracing::error!(error = %e, "cannot create a server leg");
@@ -634,7 +772,14 @@ impl Sfu {
             }
         }
         self.by_ufrag.insert(leg.ufrag.clone(), key);
-        self.legs.insert(key, LegEntry { router, leg });
+        self.legs.insert(
+            key,
+            LegEntry {
+                router,
+                leg,
+                last_heard: now,
+            },
+        );
         if let Some(r) = self.routers.get_mut(&router) {
             r.legs.push((participant.clone(), key));
         }
@@ -731,6 +876,7 @@ impl Sfu {
         let mut keyframe_requests: Vec<(RouterId, String)> = Vec::new();
         let mut forced_keyframes: Vec<(RouterId, String)> = Vec::new();
         let mut state_events: Vec<(RouterId, MediaEvent)> = Vec::new();
+        let mut ice_failed: Vec<LegKey> = Vec::new();
         let keys: Vec<LegKey> = self.dirty.iter().copied().collect();
         for key in &keys {
             let Some(entry) = self.legs.get_mut(key) else {
@@ -739,92 +885,109 @@ impl Sfu {
             let router = entry.router;
             let forwarding = self.routers.get(&router).is_some_and(|r| r.forwarding);
             let leg = &mut entry.leg;
-            let mut tracks: Vec<(String, Kind)> = Vec::new();
-            while let Some(event) = leg.pc().poll_event() {
-                match event {
-                    RTCPeerConnectionEvent::OnConnectionStateChangeEvent(s) => {
-                        if let Some(state) = Leg::leg_state(s) {
-                            if state != leg.state {
-                                leg.set_state(state);
-                                state_events.push((
-                                    router,
-                                    MediaEvent::LegState {
-                                        participant: leg.participant.clone(),
-                                        state,
-                                    },
-                                ));
-                                if state == LegState::Connected {
-                                    // Its downtracks start now: they need
-                                    // keyframes, whatever the throttle says.
-                                    for publisher in leg.downtracks.keys() {
-                                        forced_keyframes.push((router, publisher.clone()));
+            // A panic of the engine (or of Confab's handling) on one leg
+            // costs that leg, not the SFU task and everyone's media.
+            let result = catch_unwind(AssertUnwindSafe(|| {
+                let mut tracks: Vec<(String, Kind)> = Vec::new();
+                while let Some(event) = leg.pc().poll_event() {
+                    match event {
+                        RTCPeerConnectionEvent::OnConnectionStateChangeEvent(s) => {
+                            if let Some(state) = Leg::leg_state(s) {
+                                if state == LegState::Failed {
+                                    // Final: the leg is closed after this pass.
+                                    ice_failed.push(*key);
+                                } else if state != leg.state {
+                                    leg.set_state(state);
+                                    state_events.push((
+                                        router,
+                                        MediaEvent::LegState {
+                                            participant: leg.participant.clone(),
+                                            state,
+                                        },
+                                    ));
+                                    if state == LegState::Connected {
+                                        // Its downtracks start now: they need
+                                        // keyframes, whatever the throttle says.
+                                        for publisher in leg.downtracks.keys() {
+                                            forced_keyframes.push((router, publisher.clone()));
+                                        }
                                     }
                                 }
                             }
                         }
-                    }
-                    RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => {
-                        if let Some(kind) = leg.publish_kind(init.receiver_id) {
-                            tracks.push((init.track_id, kind));
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            for (track_id, kind) in tracks {
-                leg.note_inbound(track_id, kind);
-            }
-            while let Some(TaggedRTCMessage { message, .. }) = leg.pc().poll_read() {
-                match message {
-                    RTCMessage::RtpPacket(track_id, mut packet) => {
-                        if !forwarding {
-                            continue;
-                        }
-                        let Some(kind) = leg.inbound_kind(&track_id) else {
-                            continue;
-                        };
-                        // Header extensions are negotiated per leg; none is
-                        // meaningful on another leg.
-                        packet.header.extension = false;
-                        packet.header.extensions.clear();
-                        packet.header.extension_profile = 0;
-                        let keyframe = kind == Kind::Video && vp8::is_keyframe(&packet.payload);
-                        forwards.push(Forward {
-                            router,
-                            publisher: leg.participant.clone(),
-                            kind,
-                            keyframe,
-                            packet,
-                        });
-                    }
-                    RTCMessage::RtcpPacket(track_id, packets) => {
-                        // From a subscriber about one of its downtracks.
-                        let asks_keyframe = packets.iter().any(|p| {
-                            p.as_any().downcast_ref::<PictureLossIndication>().is_some()
-                                || p.as_any().downcast_ref::<FullIntraRequest>().is_some()
-                        });
-                        if asks_keyframe {
-                            if let Some(publisher) = leg
-                                .downtracks
-                                .iter()
-                                .find(|(_, t)| t.iter().any(|d| d.track_id == track_id))
-                                .map(|(p, _)| p.clone())
-                            {
-                                keyframe_requests.push((router, publisher));
+                        RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => {
+                            if let Some(kind) = leg.publish_kind(init.receiver_id) {
+                                tracks.push((init.track_id, kind));
                             }
                         }
+                        _ => {}
                     }
-                    _ => {}
                 }
+                for (track_id, kind) in tracks {
+                    leg.note_inbound(track_id, kind);
+                }
+                while let Some(TaggedRTCMessage { message, .. }) = leg.pc().poll_read() {
+                    match message {
+                        RTCMessage::RtpPacket(track_id, mut packet) => {
+                            #[cfg(debug_assertions)]
+                            test_hooks::panic_on(&packet.payload);
+                            if !forwarding || !leg.may_publish {
+                                continue;
+                            }
+                            let Some(kind) = leg.inbound_kind(&track_id) else {
+                                continue;
+                            };
+                            // Header extensions are negotiated per leg; none is
+                            // meaningful on another leg.
+                            packet.header.extension = false;
+                            packet.header.extensions.clear();
+                            packet.header.extension_profile = 0;
+                            let keyframe = kind == Kind::Video && vp8::is_keyframe(&packet.payload);
+                            forwards.push(Forward {
+                                router,
+                                publisher: leg.participant.clone(),
+                                kind,
+                                keyframe,
+                                packet,
+                            });
+                        }
+                        RTCMessage::RtcpPacket(track_id, packets) => {
+                            // From a subscriber about one of its downtracks.
+                            let asks_keyframe = packets.iter().any(|p| {
+                                p.as_any().downcast_ref::<PictureLossIndication>().is_some()
+                                    || p.as_any().downcast_ref::<FullIntraRequest>().is_some()
+                            });
+                            if asks_keyframe {
+                                if let Some(publisher) = leg
+                                    .downtracks
+                                    .iter()
+                                    .find(|(_, t)| t.iter().any(|d| d.track_id == track_id))
+                                    .map(|(p, _)| p.clone())
+                                {
+                                    keyframe_requests.push((router, publisher));
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }));
+            if result.is_err() {
+                self.broken.push(*key);
             }
         }
         for (router, event) in state_events {
             self.emit(router, event);
         }
+        self.reap();
+        for key in ice_failed {
+            self.fail_leg(key, LegFailure::IceFailed);
+        }
         let micros = now.duration_since(self.started).as_micros() as u64;
         for f in forwards {
             self.fan_out(f, now, micros, &mut keyframe_requests);
         }
+        self.reap();
         for (router, publisher) in forced_keyframes {
             self.request_keyframe(router, &publisher, now, true);
         }
@@ -832,6 +995,7 @@ impl Sfu {
             self.request_keyframe(router, &publisher, now, false);
         }
         self.flush().await;
+        self.reap();
     }
 
     fn fan_out(
@@ -853,10 +1017,14 @@ impl Sfu {
             let Some(entry) = self.legs.get_mut(key) else {
                 continue;
             };
-            match entry
-                .leg
-                .forward(&f.publisher, f.kind, &f.packet, f.keyframe, now, micros)
-            {
+            let leg = &mut entry.leg;
+            let Ok(forwarded) = catch_unwind(AssertUnwindSafe(|| {
+                leg.forward(&f.publisher, f.kind, &f.packet, f.keyframe, now, micros)
+            })) else {
+                self.broken.push(*key);
+                continue;
+            };
+            match forwarded {
                 Forwarded::Sent => {
                     sent += 1;
                     self.dirty.insert(*key);
@@ -894,13 +1062,26 @@ impl Sfu {
             let Some(entry) = self.legs.get_mut(&key) else {
                 continue;
             };
-            while let Some(o) = entry.leg.pc().poll_write() {
-                out.push((o.transport.peer_addr, o.message));
+            let pc = entry.leg.pc();
+            let polled = catch_unwind(AssertUnwindSafe(|| {
+                while let Some(o) = pc.poll_write() {
+                    out.push((o.transport.peer_addr, o.message));
+                }
+                pc.poll_timeout()
+            }));
+            match polled {
+                Ok(Some(t)) => {
+                    self.timeouts.insert(key, t);
+                }
+                Ok(None) => {
+                    self.timeouts.remove(&key);
+                }
+                Err(_) => {
+                    self.broken.push(key);
+                    out.clear();
+                    continue;
+                }
             }
-            match entry.leg.pc().poll_timeout() {
-                Some(t) => self.timeouts.insert(key, t),
-                None => self.timeouts.remove(&key),
-            };
             let mut i = 0;
             while i < out.len() {
                 let (to, ref first) = out[i];

@@ -236,6 +236,7 @@ impl Room {
         }
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let id = format!("p-{seq:x}{:08x}", rand::random::<u32>());
+        let publish = p.grants.publish;
         let member = Member {
             id: id.clone(),
             seq,
@@ -284,6 +285,7 @@ impl Room {
         self.media_out.push(MediaCommand::AddLeg {
             router: self.router(),
             participant: id.clone(),
+            publish,
         });
         self.after_mode_change(change, Some(&id), "join");
         tracing::info!(room = %self.id, participant = %id, members = self.members.len(), "joined");

@@ -11,7 +11,7 @@
 //! everything while the relay is not armed. The RTP header (sequence number,
 //! SSRC) is not encrypted by SRTP, so the relay can read it.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -59,7 +59,13 @@ pub(crate) struct LossyProxy {
     /// The address the client is pointed at.
     pub(crate) addr: SocketAddr,
     armed: Arc<AtomicBool>,
+    blackhole: Arc<AtomicBool>,
     stats: Arc<Mutex<ProxyStats>>,
+    /// The last client -> server RTP datagrams of the impaired payload type.
+    captured: Arc<Mutex<VecDeque<Vec<u8>>>>,
+    /// The socket the server knows as the client's.
+    up: Arc<UdpSocket>,
+    server: SocketAddr,
     task: JoinHandle<()>,
 }
 
@@ -104,13 +110,16 @@ impl LossyProxy {
         towards: Towards,
     ) -> LossyProxy {
         let down = UdpSocket::bind("127.0.0.1:0").await.expect("relay binds");
-        let up = UdpSocket::bind("127.0.0.1:0").await.expect("relay binds");
+        let up = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("relay binds"));
+        let captured = Arc::new(Mutex::new(VecDeque::new()));
         let addr = down.local_addr().unwrap();
         let armed = Arc::new(AtomicBool::new(false));
+        let blackhole = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Mutex::new(ProxyStats::default()));
         let task = tokio::spawn(relay(
             down,
-            up,
+            up.clone(),
+            captured.clone(),
             server,
             Impairment {
                 loss,
@@ -119,12 +128,17 @@ impl LossyProxy {
                 towards,
             },
             armed.clone(),
+            blackhole.clone(),
             stats.clone(),
         ));
         LossyProxy {
             addr,
             armed,
+            blackhole,
             stats,
+            captured,
+            up,
+            server,
             task,
         }
     }
@@ -132,6 +146,27 @@ impl LossyProxy {
     /// Starts or stops dropping.
     pub(crate) fn arm(&self, on: bool) {
         self.armed.store(on, Ordering::Relaxed);
+    }
+
+    /// Starts or stops dropping every datagram, both ways (the client's
+    /// network dies; its signaling may live on).
+    pub(crate) fn blackhole(&self, on: bool) {
+        self.blackhole.store(on, Ordering::Relaxed);
+    }
+
+    /// The last (up to 64) RTP datagrams of the impaired payload type the
+    /// client sent to the server, oldest first, as they went (SRTP).
+    pub(crate) fn captured(&self) -> Vec<Vec<u8>> {
+        self.captured.lock().unwrap().iter().cloned().collect()
+    }
+
+    /// Sends `datagram` to the server from the client's address as the
+    /// server knows it (the relay's socket).
+    pub(crate) async fn inject(&self, datagram: &[u8]) {
+        self.up
+            .send_to(datagram, self.server)
+            .await
+            .expect("injected");
     }
 
     /// What happened so far.
@@ -179,12 +214,15 @@ impl Impairment {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn relay(
     down: UdpSocket,
-    up: UdpSocket,
+    up: Arc<UdpSocket>,
+    captured: Arc<Mutex<VecDeque<Vec<u8>>>>,
     server: SocketAddr,
     mut impairment: Impairment,
     armed: Arc<AtomicBool>,
+    blackhole: Arc<AtomicBool>,
     stats: Arc<Mutex<ProxyStats>>,
 ) {
     let mut client: Option<SocketAddr> = None;
@@ -196,11 +234,21 @@ async fn relay(
             r = down.recv_from(&mut from_client) => {
                 let Ok((n, src)) = r else { return };
                 client = Some(src);
+                if blackhole.load(Ordering::Relaxed) {
+                    continue;
+                }
                 let datagram = &from_client[..n];
                 if armed.load(Ordering::Relaxed)
                     && impairment.drops(datagram, Towards::Server, &mut seen, &stats)
                 {
                     continue;
+                }
+                if rtp_of_type(datagram, impairment.payload_type).is_some() {
+                    let mut c = captured.lock().unwrap();
+                    if c.len() == 64 {
+                        c.pop_front();
+                    }
+                    c.push_back(datagram.to_vec());
                 }
                 let _ = up.send_to(datagram, server).await;
                 stats.lock().unwrap().up += 1;
@@ -208,7 +256,7 @@ async fn relay(
             r = up.recv_from(&mut from_server) => {
                 let Ok((n, src)) = r else { return };
                 let Some(client) = client else { continue };
-                if src != server {
+                if src != server || blackhole.load(Ordering::Relaxed) {
                     continue;
                 }
                 let datagram = &from_server[..n];

@@ -6,6 +6,7 @@
 #![allow(unreachable_pub)]
 
 mod common;
+mod faults;
 mod fuzz;
 mod load;
 mod lossy_proxy;

@@ -596,6 +596,33 @@ impl LegTrack {
         }
     }
 
+    /// Writes one packet carrying `payload` as is (not a numbered packet:
+    /// receivers record it as malformed), next in this leg's sequence.
+    pub(crate) async fn write_raw(&self, payload: &[u8]) -> Result<(), String> {
+        let sequence_number = {
+            let mut seq = self.sequence.lock().unwrap();
+            let out = *seq;
+            *seq = seq.wrapping_add(1);
+            out
+        };
+        let packet = rtp::Packet {
+            header: rtp::header::Header {
+                version: 2,
+                marker: true,
+                payload_type: self.source.payload_type,
+                sequence_number,
+                timestamp: 0,
+                ssrc: self.ssrc,
+                ..Default::default()
+            },
+            payload: Bytes::copy_from_slice(payload),
+        };
+        self.track
+            .write_rtp(packet)
+            .await
+            .map_err(|e| format!("{} raw write_rtp: {e}", self.source.track_id))
+    }
+
     /// Packets written on this leg (`write_rtp` returned `Ok`).
     pub(crate) fn written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
