@@ -468,3 +468,46 @@ fn every_metric_is_documented() {
     );
     assert!(stale.is_empty(), "documented but not exported: {stale:?}");
 }
+
+#[test]
+fn every_documented_error_code_is_exercised_by_a_test_and_exists() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let doc = std::fs::read_to_string(format!("{root}/docs/protocol.md")).unwrap();
+    let errors = doc
+        .split("\n## Errors")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("an Errors section");
+    let codes: Vec<&str> = errors
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .collect();
+    assert!(codes.len() >= 24, "{codes:?}");
+    let mut tests = String::new();
+    for entry in std::fs::read_dir(format!("{root}/tests/it")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "rs") && !path.ends_with("process.rs") {
+            tests.push_str(&std::fs::read_to_string(path).unwrap());
+        }
+    }
+    tests.push_str(
+        &std::fs::read_to_string(format!("{root}/tests/it/process.rs"))
+            .unwrap()
+            .split("fn every_documented_error_code")
+            .next()
+            .unwrap()
+            .to_owned(),
+    );
+    let wire = std::fs::read_to_string(format!("{root}/src/signaling/protocol.rs")).unwrap();
+    for code in codes {
+        assert!(
+            wire.contains(&format!("=> \"{code}\"")),
+            "`{code}` is documented but the server has no such code"
+        );
+        assert!(
+            tests.contains(&format!("\"{code}\"")),
+            "no test expects the error `{code}`"
+        );
+    }
+}

@@ -483,6 +483,19 @@ async fn a_client_that_never_reads_is_dropped_and_others_are_fine() {
         1,
         "B is still in the room"
     );
+    // A reads at last (within the server's 2 s close grace): behind the
+    // backlog it finds why it was dropped, then the close.
+    let mut code = None;
+    let close = loop {
+        match a.next_event(STEP).await {
+            Some(Event::Json(v)) if v["type"] == "error" => code = Some(v["code"].clone()),
+            Some(Event::Json(_)) => {}
+            Some(Event::Close(c)) => break c,
+            other => panic!("expected the backlog and a close, got {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(json!("slow_consumer")));
+    assert_eq!(close, Some(1008));
 }
 
 #[tokio::test]
