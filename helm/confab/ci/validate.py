@@ -300,6 +300,7 @@ check(not {"CONFAB_NEVER_P2P", "CONFAB_INSECURE", "CONFAB_METRICS_LISTEN", "CONF
 check("secretKeyRef" in e["CONFAB_JWT_SECRET"]["valueFrom"], "secret from a Secret")
 check(e["CONFAB_TURN_PORT"]["value"] == "3478" and e["CONFAB_TURN_RELAY_PORTS"]["value"] == "49152-65535", "TURN port and relay range")
 check(not {"CONFAB_NO_TURN", "CONFAB_TURN_SECRET", "CONFAB_TURN_EXTERNAL"} & set(e), "embedded TURN, random secret")
+check("CONFAB_TRUST_FORWARDED_FOR" not in e, "X-Forwarded-For not trusted without a proxy")
 check(("Service", "confab-media") not in objs and ("ServiceMonitor", "confab") not in objs and ("Ingress", "confab") not in objs,
       "no media Service, ServiceMonitor or Ingress by default")
 check(objs[("PodDisruptionBudget", "confab")]["spec"]["maxUnavailable"] == 1, "PDB maxUnavailable 1")
@@ -369,6 +370,8 @@ e = env(objs)
 check(e["CONFAB_JWT_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "confab-auth", "key": "jwt-secret"}, "existing Secret")
 check(("Secret", "confab") not in objs, "no own Secret")
 check(objs[("Ingress", "confab")]["spec"]["ingressClassName"] == "nginx", "Ingress class")
+check(e.get("CONFAB_TRUST_FORWARDED_FOR", {}).get("value") == "true",
+      "behind the Ingress the join limit keys on X-Forwarded-For")
 check("https://confab.example.org/" in notes, "NOTES give the URL")
 
 # Recreate, hard anti-affinity, drain settings, config file, JSON logs, TURN from a Secret.

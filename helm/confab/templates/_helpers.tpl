@@ -259,6 +259,10 @@ the config file check below knows which settings the chart already sets.
   value: {{ .Values.server.maxParticipants | int64 | quote }}
 - name: CONFAB_MAX_CONNECTIONS
   value: {{ .Values.server.maxConnections | int64 | quote }}
+{{- if or .Values.server.trustForwardedFor .Values.ingress.enabled }}
+- name: CONFAB_TRUST_FORWARDED_FOR
+  value: "true"
+{{- end }}
 - name: CONFAB_MEDIA_PORT
   value: {{ .Values.media.port | int64 | quote }}
 {{- with .Values.media.bind }}
