@@ -15,6 +15,10 @@ use crate::signaling::protocol::ErrorCode;
 /// What a token allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grants {
+    /// May join the room at all (a token with `join: false` is refused
+    /// with `token_no_join`, e.g. one minted for another purpose).
+    #[serde(default = "yes")]
+    pub join: bool,
     /// May send media.
     #[serde(default = "yes")]
     pub publish: bool,
@@ -30,6 +34,7 @@ fn yes() -> bool {
 impl Default for Grants {
     fn default() -> Self {
         Grants {
+            join: true,
             publish: true,
             subscribe: true,
         }
@@ -67,6 +72,8 @@ pub enum TokenError {
     Expired,
     /// Issued for another room.
     WrongRoom,
+    /// Valid, but without the join grant.
+    NoJoinGrant,
 }
 
 impl TokenError {
@@ -77,6 +84,7 @@ impl TokenError {
             TokenError::Algorithm => ErrorCode::TokenAlgorithm,
             TokenError::Expired => ErrorCode::TokenExpired,
             TokenError::WrongRoom => ErrorCode::TokenWrongRoom,
+            TokenError::NoJoinGrant => ErrorCode::TokenNoJoin,
         }
     }
 }
@@ -152,6 +160,9 @@ pub fn verify(secret: &str, token: &str, room: &str) -> Result<Claims, TokenErro
     if data.claims.room != room {
         return Err(TokenError::WrongRoom);
     }
+    if !data.claims.grants.join {
+        return Err(TokenError::NoJoinGrant);
+    }
     Ok(data.claims)
 }
 
@@ -185,12 +196,28 @@ mod tests {
         );
         let future = Claims {
             nbf: Some(now_secs() + 600),
-            ..c
+            ..c.clone()
         };
         assert_eq!(
             verify(SECRET, &encode_claims(SECRET, &future), "r1"),
             Err(TokenError::Expired)
         );
+        let no_join = Claims {
+            grants: Grants {
+                join: false,
+                ..Grants::default()
+            },
+            ..c
+        };
+        assert_eq!(
+            verify(SECRET, &encode_claims(SECRET, &no_join), "r1"),
+            Err(TokenError::NoJoinGrant)
+        );
+        // Tokens without the field (older ones) may join.
+        let claims: Claims =
+            serde_json::from_str(r#"{"sub":"x","room":"r1","exp":1,"grants":{"publish":false}}"#)
+                .unwrap();
+        assert!(claims.grants.join && !claims.grants.publish && claims.grants.subscribe);
     }
 
     #[test]

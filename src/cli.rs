@@ -271,6 +271,9 @@ struct TokenArgs {
     /// Lifetime in seconds.
     #[arg(long, default_value_t = 3600)]
     ttl: u64,
+    /// Deny joining (a token for another purpose; refused by `join`).
+    #[arg(long)]
+    no_join: bool,
     /// Deny publishing media.
     #[arg(long)]
     no_publish: bool,
@@ -384,6 +387,7 @@ pub fn run() -> i32 {
                 return 2;
             }
             let grants = Grants {
+                join: !args.no_join,
                 publish: !args.no_publish,
                 subscribe: !args.no_subscribe,
             };

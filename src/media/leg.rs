@@ -380,6 +380,9 @@ pub struct Leg {
     publish: [RTCRtpTransceiverId; 2],
     /// The participant holds the publish grant: its media is forwarded.
     pub may_publish: bool,
+    /// The participant holds the subscribe grant: without it nothing is
+    /// forwarded to this leg (its downtracks stay silent).
+    pub may_subscribe: bool,
     /// RTP and RTCP packets its engine decrypted (counted by [`NackGuard`]).
     reads: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Kinds of the participant's incoming tracks, by track id.
@@ -548,6 +551,7 @@ impl Leg {
             pc,
             publish: slots,
             may_publish: publish,
+            may_subscribe: true,
             reads,
             inbound: HashMap::new(),
             downtracks: HashMap::new(),

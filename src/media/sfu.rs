@@ -117,6 +117,8 @@ pub enum MediaCommand {
         participant: String,
         /// It holds the publish grant (else its media is never forwarded).
         publish: bool,
+        /// It holds the subscribe grant (else nothing is forwarded to it).
+        subscribe: bool,
     },
     /// Close the leg of `participant` and stop forwarding it to others.
     RemoveLeg {
@@ -645,7 +647,8 @@ impl Sfu {
                 router,
                 participant,
                 publish,
-            } => self.add_leg(router, participant, publish, now),
+                subscribe,
+            } => self.add_leg(router, participant, publish, subscribe, now),
             MediaCommand::RemoveLeg {
                 router,
                 participant,
@@ -721,7 +724,14 @@ impl Sfu {
         }
     }
 
-    fn add_leg(&mut self, router: RouterId, participant: String, publish: bool, now: Instant) {
+    fn add_leg(
+        &mut self,
+        router: RouterId,
+        participant: String,
+        publish: bool,
+        subscribe: bool,
+        now: Instant,
+    ) {
         let Some(r) = self.routers.get(&router) else {
             return;
         };
@@ -742,7 +752,10 @@ impl Sfu {
             now,
         );
         let mut leg = match leg {
-            Ok(leg) => leg,
+            Ok(mut leg) => {
+                leg.may_subscribe = subscribe;
+                leg
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot create a server leg");
                 self.emit(
@@ -1018,6 +1031,9 @@ impl Sfu {
                 continue;
             };
             let leg = &mut entry.leg;
+            if !leg.may_subscribe {
+                continue;
+            }
             let Ok(forwarded) = catch_unwind(AssertUnwindSafe(|| {
                 leg.forward(&f.publisher, f.kind, &f.packet, f.keyframe, now, micros)
             })) else {

@@ -62,6 +62,10 @@ pub struct ModeMember {
     pub id: String,
     /// Join sequence number; larger joined later.
     pub seq: u64,
+    /// Its grants are limited (no publish or no subscribe): only the server
+    /// can enforce them, so a room with such a member never uses a direct
+    /// path.
+    pub restricted: bool,
 }
 
 /// What happened to the mode after an input.
@@ -170,8 +174,14 @@ impl ModeState {
         Change::Announce
     }
 
+    /// Whether a direct path is allowed at all: not by policy, and not
+    /// with a member whose grants only the server can enforce.
+    fn direct_allowed(&self) -> bool {
+        !self.policy.never_p2p && !self.members.iter().any(|m| m.restricted)
+    }
+
     fn wants_p2p(&self) -> bool {
-        !self.policy.never_p2p && self.members.len() == 2
+        self.direct_allowed() && self.members.len() == 2
     }
 
     fn schedule_return(&mut self, now: Instant) {
@@ -193,7 +203,7 @@ impl ModeState {
         let first = self.epoch == 0;
         match self.mode {
             MediaMode::P2p => {
-                if self.policy.never_p2p || n >= self.policy.sfu_threshold {
+                if !self.direct_allowed() || n >= self.policy.sfu_threshold {
                     if self.pair.is_some() {
                         // Move the direct pair off make-before-break.
                         return self.enter(MediaMode::ToSfu, now);
@@ -318,7 +328,33 @@ mod tests {
     use super::*;
 
     fn m(id: &str, seq: u64) -> ModeMember {
-        ModeMember { id: id.into(), seq }
+        ModeMember {
+            id: id.into(),
+            seq,
+            restricted: false,
+        }
+    }
+
+    #[test]
+    fn a_member_with_limited_grants_keeps_the_room_on_the_server() {
+        let t0 = Instant::now();
+        let mut s = ModeState::new(policy());
+        let viewer = ModeMember {
+            restricted: true,
+            ..m("v", 2)
+        };
+        s.update(&[m("a", 1)], t0);
+        assert_eq!(s.mode(), MediaMode::P2p);
+        // Two members, one of them restricted: straight to the server.
+        s.update(&[m("a", 1), viewer], t0);
+        assert_eq!(s.mode(), MediaMode::Sfu);
+        // And no return to a direct path while it is there.
+        assert_eq!(s.tick(t0 + Duration::from_secs(3600)), Change::None);
+        assert_eq!(s.mode(), MediaMode::Sfu);
+        // Once it has left, two unrestricted members pair again.
+        s.update(&[m("a", 1), m("b", 3)], t0);
+        s.tick(t0 + Duration::from_secs(3600));
+        assert_eq!(s.mode(), MediaMode::ToP2p);
     }
 
     fn policy() -> ModePolicy {

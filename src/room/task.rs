@@ -33,6 +33,9 @@ struct Member {
     leg: Option<LegState>,
     /// When it joined, until its server leg first connects (join latency).
     joined_at: Option<Instant>,
+    /// Lacks the publish or the subscribe grant: only the server can
+    /// enforce that, so the room keeps such a member on the server.
+    restricted: bool,
 }
 
 impl Member {
@@ -236,7 +239,7 @@ impl Room {
         }
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let id = format!("p-{seq:x}{:08x}", rand::random::<u32>());
-        let publish = p.grants.publish;
+        let (publish, subscribe) = (p.grants.publish, p.grants.subscribe);
         let member = Member {
             id: id.clone(),
             seq,
@@ -248,6 +251,7 @@ impl Room {
             kick: Some(p.kick),
             leg: None,
             joined_at: Some(Instant::now()),
+            restricted: !(publish && subscribe),
         };
         let info = member.info();
         let others: Vec<MemberInfo> = self.members.iter().map(Member::info).collect();
@@ -286,6 +290,7 @@ impl Room {
             router: self.router(),
             participant: id.clone(),
             publish,
+            subscribe,
         });
         self.after_mode_change(change, Some(&id), "join");
         tracing::info!(room = %self.id, participant = %id, members = self.members.len(), "joined");
@@ -423,6 +428,7 @@ impl Room {
             .map(|m| ModeMember {
                 id: m.id.clone(),
                 seq: m.seq,
+                restricted: m.restricted,
             })
             .collect()
     }

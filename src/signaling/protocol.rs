@@ -371,6 +371,8 @@ pub enum ErrorCode {
     TokenExpired,
     /// The token is for another room.
     TokenWrongRoom,
+    /// The token does not grant joining.
+    TokenNoJoin,
     /// `to` is not another member of the room.
     NotAMember,
     /// Over the message rate.
@@ -410,6 +412,7 @@ impl ErrorCode {
             ErrorCode::TokenAlgorithm => "token_algorithm",
             ErrorCode::TokenExpired => "token_expired",
             ErrorCode::TokenWrongRoom => "token_wrong_room",
+            ErrorCode::TokenNoJoin => "token_no_join",
             ErrorCode::NotAMember => "not_a_member",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::JoinTimeout => "join_timeout",

@@ -1136,7 +1136,7 @@ async fn publish_grant() {
             600,
             Grants {
                 publish,
-                subscribe: true,
+                ..Grants::default()
             },
         );
         serde_json::json!({
@@ -1225,6 +1225,99 @@ async fn publish_grant() {
     );
     assert!(written(y) > 50 && written(x) > 50, "x and y did stream");
     assert!(x_receives, "x receives a and b");
+    for m in members {
+        m.close().await;
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_subscribe_grant_nothing_is_forwarded_to_it_and_the_pair_stays_on_the_server() {
+    run_scenario("subscribe grant scenario", subscribe_grant()).await;
+}
+
+/// Two members, one without the subscribe grant, on a server that would
+/// otherwise pair two members directly: the room stays on the server (a
+/// direct path would bypass the grant), the restricted member's media
+/// reaches the other, and nothing reaches the restricted member.
+async fn subscribe_grant() {
+    use confab::auth::{issue, Grants};
+    const SECRET: &str = "faults-test-secret-faults-test-secret";
+    let mut cfg = test_config();
+    cfg.jwt_secret = Some(SECRET.to_owned());
+    let server = start_server_with(cfg).await;
+    let room = room_name("fault-subscribe");
+    let msg = |name: &str, subscribe: bool| {
+        let grants = Grants {
+            subscribe,
+            ..Grants::default()
+        };
+        let token = issue(SECRET, &room, name, None, 600, grants);
+        serde_json::json!({
+            "type": "join", "v": PROTOCOL_VERSION, "room": room, "name": name, "token": token
+        })
+    };
+    let members = vec![
+        join_member_with(server.addr, msg("a", true), PeerConfig::video("a")).await,
+        join_member_with(
+            server.addr,
+            msg("s", false),
+            PeerConfig::video("s").with_audio(),
+        )
+        .await,
+    ];
+    let (a, s) = (&members[0], &members[1]);
+    for m in [a, s] {
+        m.peer
+            .wait_mode("sfu", 0, SETTLE)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", m.peer.name));
+    }
+    a.peer
+        .wait_rendering(&s.tags(), Path::Server, SETTLE)
+        .await
+        .unwrap_or_else(|e| panic!("a does not receive s: {e}"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Never a direct pair: no mode naming a peer (a alone was in `p2p`
+    // without one).
+    for m in [a, s] {
+        let log = m.sig().log();
+        assert!(
+            log.modes
+                .iter()
+                .all(|x| x.peer.is_none() && x.mode != "to_p2p"),
+            "{}: a direct path was set up: {:?}",
+            m.peer.name,
+            log.modes
+                .iter()
+                .map(|x| (x.mode.clone(), x.peer.clone()))
+                .collect::<Vec<_>>()
+        );
+    }
+    let to_s: usize = a
+        .tags()
+        .iter()
+        .map(|t| {
+            s.peer
+                .stream(*t)
+                .map_or(0, |v| v.server.packets + v.direct.packets)
+        })
+        .sum();
+    let from_s: usize = s
+        .tags()
+        .iter()
+        .map(|t| a.peer.stream(*t).map_or(0, |v| v.server.packets))
+        .sum();
+    println!(
+        "subscribe grant: s (no subscribe grant) received {to_s} packets of a; a received \
+         {from_s} packets of s; modes {:?}",
+        s.sig().log().mode_names()
+    );
+    assert_eq!(
+        to_s, 0,
+        "media reached a member without the subscribe grant"
+    );
+    assert!(from_s > 50, "s still publishes to a");
     for m in members {
         m.close().await;
     }

@@ -547,6 +547,7 @@ fn gen_token(rng: &mut StdRng) -> Vec<u8> {
         },
         name: rng.random_bool(0.3).then(|| "Ada".into()),
         grants: Grants {
+            join: rng.random_bool(0.9),
             publish: rng.random(),
             subscribe: rng.random(),
         },

@@ -492,12 +492,11 @@ fn every_documented_error_code_is_exercised_by_a_test_and_exists() {
         }
     }
     tests.push_str(
-        &std::fs::read_to_string(format!("{root}/tests/it/process.rs"))
+        std::fs::read_to_string(format!("{root}/tests/it/process.rs"))
             .unwrap()
             .split("fn every_documented_error_code")
             .next()
-            .unwrap()
-            .to_owned(),
+            .unwrap(),
     );
     let wire = std::fs::read_to_string(format!("{root}/src/signaling/protocol.rs")).unwrap();
     for code in codes {

@@ -607,6 +607,20 @@ async fn tokens_are_checked() {
             )),
             "token_wrong_room",
         ),
+        (
+            Some(auth::issue(
+                SECRET,
+                &room,
+                "x",
+                None,
+                60,
+                Grants {
+                    join: false,
+                    ..Grants::default()
+                },
+            )),
+            "token_no_join",
+        ),
     ];
     for (token, code) in cases {
         let mut c = WsClient::connect(server.addr).await;

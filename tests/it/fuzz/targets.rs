@@ -276,8 +276,11 @@ pub fn join_token(data: &[u8]) {
                 "expired claims accepted"
             );
             assert!(claims.nbf.is_none_or(|nbf| nbf <= now + 5));
+            assert!(claims.grants.join, "accepted without the join grant");
         }
-        Err(auth::TokenError::Expired | auth::TokenError::WrongRoom) => {
+        Err(
+            auth::TokenError::Expired | auth::TokenError::WrongRoom | auth::TokenError::NoJoinGrant,
+        ) => {
             assert!(signed(), "claims judged before the signature");
         }
         Err(auth::TokenError::Algorithm) => {
