@@ -370,6 +370,15 @@ pub struct DownTrack {
     offered_in: u64,
 }
 
+/// A downtrack whose publisher left.
+struct SpareTrack {
+    kind: Kind,
+    track: DownTrack,
+    /// The offer generation that makes its section `inactive`; it is
+    /// reused only once that offer has been answered.
+    retired_in: u64,
+}
+
 /// The SFU's end of one participant's peer connection.
 pub struct Leg {
     /// Whose leg.
@@ -389,6 +398,10 @@ pub struct Leg {
     inbound: HashMap<String, Kind>,
     /// Downtracks by publisher id, `[audio, video]`.
     pub downtracks: HashMap<String, [DownTrack; 2]>,
+    /// Downtracks of departed publishers, their sections `inactive`,
+    /// waiting to be reused for the next publisher of their kind (so that
+    /// a long-lived member's offer does not grow with every departure).
+    spare: Vec<SpareTrack>,
     /// Generation of the last offer sent; 0 before the first.
     offer_generation: u64,
     /// Generation of the last answer applied.
@@ -555,6 +568,7 @@ impl Leg {
             reads,
             inbound: HashMap::new(),
             downtracks: HashMap::new(),
+            spare: Vec::new(),
             offer_generation: 0,
             answered_generation: 0,
             renegotiate: false,
@@ -635,18 +649,101 @@ impl Leg {
             })
         };
         let next = self.offer_generation + 1;
-        let audio = make(&mut self.pc, Kind::Audio, next)?;
-        let video = make(&mut self.pc, Kind::Video, next)?;
+        let audio = match self.reuse(publisher, Kind::Audio, next)? {
+            Some(t) => t,
+            None => make(&mut self.pc, Kind::Audio, next)?,
+        };
+        let video = match self.reuse(publisher, Kind::Video, next)? {
+            Some(t) => t,
+            None => make(&mut self.pc, Kind::Video, next)?,
+        };
         self.downtracks.insert(publisher.to_owned(), [audio, video]);
         Ok(())
     }
 
-    /// Stops the downtracks of `publisher` (their sections go inactive).
+    /// Gives a spare downtrack of `kind` whose `inactive` state has been
+    /// answered to `publisher`: same section (mid), sender and SSRC, a new
+    /// track and stream id (`a=msid`), direction `sendonly` again. Its
+    /// forwarder continues the sequence numbers and timestamps across the
+    /// change of source and waits for the new publisher's keyframe.
+    fn reuse(
+        &mut self,
+        publisher: &str,
+        kind: Kind,
+        generation: u64,
+    ) -> Result<Option<DownTrack>, LegError> {
+        let answered = self.answered_generation;
+        let Some(i) = self
+            .spare
+            .iter()
+            .position(|s| s.kind == kind && s.retired_in <= answered)
+        else {
+            return Ok(None);
+        };
+        let mut track = self.spare.swap_remove(i).track;
+        let ssrc = track.forwarder.params().ssrc;
+        let track_id = format!("{publisher}-{}", kind.as_str());
+        let codec = match kind {
+            Kind::Audio => opus(),
+            Kind::Video => vp8(),
+        };
+        let encodings = vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(ssrc),
+                ..Default::default()
+            },
+            codec,
+            ..Default::default()
+        }];
+        let media = MediaStreamTrack::new(
+            publisher.to_owned(),
+            track_id.clone(),
+            track_id.clone(),
+            kind.rtc(),
+            encodings,
+        );
+        // Sending again first: rtc hands out a sender only for a
+        // transceiver whose direction sends.
+        if let Some(mut t) = self
+            .pc
+            .rtp_transceiver(RTCRtpTransceiverId::from(track.sender))
+        {
+            t.set_direction(RTCRtpTransceiverDirection::Sendonly);
+        }
+        let mut sender = self
+            .pc
+            .rtp_sender(track.sender)
+            .ok_or_else(|| "a spare downtrack lost its sender".to_owned())?;
+        sender.replace_track(media).map_err(err)?;
+        sender.set_streams(vec![publisher.to_owned()]);
+        track.track_id = track_id;
+        track.offered_in = generation;
+        // Nothing of the old publisher goes out meanwhile, and the first
+        // packet of the new one continues the numbering.
+        track.forwarder.pause();
+        Ok(Some(track))
+    }
+
+    /// Stops the downtracks of `publisher`: their sections go `inactive` in
+    /// the next offer and are kept for the next publisher (see `reuse`).
     pub fn remove_downtracks(&mut self, publisher: &str) {
-        if let Some(tracks) = self.downtracks.remove(publisher) {
-            for t in tracks {
-                let _ = self.pc.remove_track(t.sender);
+        let Some(tracks) = self.downtracks.remove(publisher) else {
+            return;
+        };
+        let retired_in = self.offer_generation + 1;
+        for (kind, mut track) in [Kind::Audio, Kind::Video].into_iter().zip(tracks) {
+            if let Some(mut t) = self
+                .pc
+                .rtp_transceiver(RTCRtpTransceiverId::from(track.sender))
+            {
+                t.set_direction(RTCRtpTransceiverDirection::Inactive);
             }
+            track.forwarder.pause();
+            self.spare.push(SpareTrack {
+                kind,
+                track,
+                retired_in,
+            });
         }
     }
 

@@ -1755,3 +1755,128 @@ async fn rooms_isolated() {
     println!("room isolation: {checked} packets checked at 4 members in 2 rooms, none crossed");
     finish(members, server).await;
 }
+
+// ---------------------------------------------------------------------------
+// A long-lived member while many others come and go
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sfu_long_lived_members_survive_many_departures() {
+    run_scenario("departures scenario", many_departures()).await;
+}
+
+/// a and c stay, server-routed, streaming; 80 visitors join one after the
+/// other, each staying until a's offer includes it, then leave. a's and
+/// c's server legs must stay up and answered, and their offers bounded:
+/// the sections of departed visitors are reused, not piled up (with 64 KiB
+/// messages, about 45 departures would otherwise push a's answer over the
+/// limit).
+async fn many_departures() {
+    let mut cfg = config();
+    cfg.mode_policy.never_p2p = true;
+    // 80 visitors in a few seconds make a and c answer far faster than any
+    // real room would (two offers per visitor): lift the per-socket rate so
+    // that the limit on signaling is not what this test measures.
+    cfg.limits.rate_per_sec = 1000.0;
+    cfg.limits.rate_burst = 1000.0;
+    let server = start_server_with(cfg).await;
+    let room = room_name("departures");
+    let since = Instant::now();
+    let members = vec![
+        join_member(&server, &room, PeerConfig::video("a").with_audio()).await,
+        join_member(&server, &room, PeerConfig::video("c").with_audio()).await,
+    ];
+    let (a, c) = (&members[0], &members[1]);
+    wait_all_mode(&[a, c], "sfu", since).await;
+    wait_all_rendering_via_server(&[a, c], since).await;
+    let first_offer = a.sig().log().server_offers.last().unwrap().1.len();
+    const VISITORS: usize = 80;
+    for i in 0..VISITORS {
+        let (mut v, joined) = join(server.addr, &room, &format!("v{i}")).await;
+        let id = joined["participant_id"].as_str().unwrap().to_owned();
+        // Until a has been offered the visitor's tracks (and answered).
+        let offered = eventually(STEP, || {
+            a.sig()
+                .log()
+                .server_offers
+                .last()
+                .is_some_and(|(_, sdp)| sdp.contains(&id))
+        })
+        .await;
+        if !offered {
+            let log = a.sig().log();
+            for (_, sdp) in log.server_offers.iter().rev().take(3) {
+                let keep: Vec<&str> = sdp
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("a=mid")
+                            || l.starts_with("a=msid:")
+                            || l.ends_with("only")
+                            || l.ends_with("inactive")
+                            || l.starts_with("o=")
+                    })
+                    .collect();
+                println!("--- offer\n{}", keep.join("\n"));
+            }
+            panic!(
+                "visitor {i}: a was never offered {id}; errors {:?}",
+                log.errors
+            );
+        }
+        v.send_json(serde_json::json!({"type": "leave"})).await;
+    }
+    // Settle, then check that both still render each other and that no
+    // answer was refused.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let from = next_counters(&[a, c]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (r, s) in [(a, c), (c, a)] {
+        let log = r.sig().log();
+        assert!(log.errors.is_empty(), "{}: {:?}", r.name(), log.errors);
+        assert!(!log.closed, "{}: socket closed", r.name());
+        for tag in s.tags() {
+            let stream = r.peer.stream(tag).unwrap();
+            assert!(
+                stream.last_rendered().unwrap_or(0) >= from[&tag],
+                "{} no longer renders {}",
+                r.name(),
+                s.name()
+            );
+        }
+    }
+    // One more visitor, with media: it gets reused sections at a and c,
+    // and everyone renders everyone.
+    let mut members = members;
+    members.push(join_member(&server, &room, PeerConfig::video("w").with_audio()).await);
+    let all: Vec<&Member> = members.iter().collect();
+    wait_all_rendering_via_server(&all, since).await;
+    let (a, c) = (all[0], all[1]);
+    let log = a.sig().log();
+    let largest = log
+        .server_offers
+        .iter()
+        .map(|(_, s)| s.len())
+        .max()
+        .unwrap();
+    let last = log.server_offers.last().unwrap().1.len();
+    let sections = log
+        .server_offers
+        .last()
+        .unwrap()
+        .1
+        .matches("\r\nm=")
+        .count();
+    println!(
+        "departures: {VISITORS} visitors came and went; a's server offers: first {first_offer} B, \
+         largest {largest} B, last {last} B with {sections} media sections; {} offers, {} answers; \
+         a, c and a last visitor with media render each other",
+        log.server_offers.len(),
+        log.server_answers_sent
+    );
+    let _ = c;
+    assert!(
+        largest < 4 * first_offer,
+        "a's offer grew from {first_offer} to {largest} bytes"
+    );
+    finish(members, server).await;
+}
