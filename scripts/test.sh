@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs Confab's whole test suite on this machine:
-#   0. offline checks of the Helm chart, the Grafana dashboard and the
-#      dependency graph (cargo deny: licences, bans, sources, advisories);
+#   0. offline checks of the Helm chart, the Grafana dashboard, the
+#      Dockerfile (hadolint) and the dependency graph (cargo deny: licences, bans, sources, advisories);
 #   1. formatting and lints (cargo fmt --check, clippy -D warnings);
 #   2. one build of the server and of every test binary;
 #   3. the Rust unit and integration tests (real server, real sockets,
@@ -31,6 +31,9 @@ elif compgen -G "${CARGO_HOME:-$HOME/.cargo}/advisory-dbs/*/.git" >/dev/null; th
 else
   echo "cargo deny: SKIPPED advisories: the RustSec advisory database cannot be fetched from here (docs/supply-chain.md)"
 fi
+
+echo "== Dockerfile lint (hadolint)"
+.venv-deny/bin/hadolint Dockerfile
 
 echo "== format and lints"
 cargo fmt --all -- --check
