@@ -86,6 +86,11 @@ struct ServeArgs {
     /// /readyz); when set, /metrics is not on --listen.
     #[arg(long, env = "CONFAB_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Bearer token of the admin API (/admin/rooms...; at least 16 bytes),
+    /// served on --metrics-listen when set. Without one the API is off.
+    #[arg(long, env = "CONFAB_ADMIN_TOKEN", hide_env_values = true)]
+    #[serde(serialize_with = "hidden")]
+    admin_token: Option<String>,
     /// Seconds a drain (first SIGTERM or Ctrl-C) waits for rooms to empty
     /// before disconnecting the rest; a second signal stops at once.
     #[arg(long, env = "CONFAB_DRAIN_TIMEOUT_SECS", default_value_t = DEFAULT_DRAIN_TIMEOUT_SECS)]
@@ -354,6 +359,7 @@ impl ServeArgs {
             metrics_listen: self.metrics_listen,
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             log_client_addresses: self.log_client_addresses,
+            admin_token: self.admin_token.filter(|t| !t.is_empty()),
         }
     }
 }

@@ -56,6 +56,8 @@ pub struct Config {
     /// Put client IP addresses into logs (debugging only; off by default
     /// so that logs hold no personal data).
     pub log_client_addresses: bool,
+    /// Bearer token of the admin API (`src/admin.rs`); `None` disables it.
+    pub admin_token: Option<String>,
 }
 
 /// STUN/TURN: the embedded server and external ones. Clients get
@@ -216,6 +218,7 @@ impl Default for Config {
             metrics_listen: None,
             drain_timeout: Duration::from_secs(DEFAULT_DRAIN_TIMEOUT_SECS),
             log_client_addresses: false,
+            admin_token: None,
         }
     }
 }
@@ -261,6 +264,9 @@ impl Config {
             if secret.len() < 16 {
                 return Err("--jwt-secret must be at least 16 bytes".into());
             }
+        }
+        if self.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err("--admin-token must be at least 16 bytes".into());
         }
         if self.limits.max_message_bytes < 1024 {
             return Err("--max-message-bytes must be at least 1024".into());

@@ -218,15 +218,40 @@ impl Server {
             }
         };
         let separate_metrics = self.metrics_listener.is_some();
+        let admin = self
+            .state
+            .signal
+            .config
+            .admin_token
+            .as_deref()
+            .map(|token| {
+                crate::admin::router(crate::admin::AdminState {
+                    rooms: Arc::clone(&self.state.signal.rooms),
+                    token: token.into(),
+                })
+            });
+        // The admin API goes where /metrics goes: the private listener if
+        // there is one.
+        let (ops_admin, main_admin) = if separate_metrics {
+            (admin, None)
+        } else {
+            (None, admin)
+        };
         let metrics_server = self.metrics_listener.map(|l| {
-            let app = ops_router(self.state.clone());
+            let mut app = ops_router(self.state.clone());
+            if let Some(admin) = ops_admin {
+                app = app.merge(admin);
+            }
             tokio::spawn(
                 axum::serve(l, app)
                     .with_graceful_shutdown(stopped())
                     .into_future(),
             )
         });
-        let app = router(self.state, !separate_metrics);
+        let mut app = router(self.state, !separate_metrics);
+        if let Some(admin) = main_admin {
+            app = app.merge(admin);
+        }
         // Signaling is many small messages: without TCP_NODELAY each one can
         // wait ~40 ms for a delayed ACK (Nagle), which slows ICE setup.
         let listener = self.listener.tap_io(|tcp| {

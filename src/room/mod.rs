@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::auth::Grants;
 use crate::media::sfu::SfuHandle;
 use crate::metrics::Metrics;
-use crate::signaling::protocol::{ErrorCode, LeaveReason, ServerMessage};
+use crate::signaling::protocol::{ErrorCode, LeaveReason, LegState, MediaMode, ServerMessage};
 use crate::turn_server::IceServerList;
 
 /// A serialised server message, shared between all recipients of a
@@ -100,6 +100,19 @@ pub enum Command {
         /// Who.
         id: String,
     },
+    /// Describe the room (admin API).
+    Inspect {
+        /// The answer.
+        reply: oneshot::Sender<RoomView>,
+    },
+    /// Remove one member, or every member (`id: None`), with `error
+    /// removed` (admin API). The reply carries how many were removed.
+    Remove {
+        /// Whom; `None` for everyone.
+        id: Option<String>,
+        /// The number removed.
+        reply: oneshot::Sender<usize>,
+    },
     /// A member's mute state.
     MediaState {
         /// Who.
@@ -109,6 +122,38 @@ pub enum Command {
         /// Camera off.
         video_muted: bool,
     },
+}
+
+/// A room as the admin API shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RoomView {
+    /// Room id.
+    pub id: String,
+    /// Media mode.
+    pub mode: MediaMode,
+    /// Mode epoch.
+    pub epoch: u64,
+    /// Members in join order.
+    pub participants: Vec<ParticipantView>,
+}
+
+/// A member as the admin API shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ParticipantView {
+    /// Participant id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Token identity, when auth is on.
+    pub identity: Option<String>,
+    /// Microphone muted.
+    pub audio_muted: bool,
+    /// Camera off.
+    pub video_muted: bool,
+    /// Its server leg's state, once the SFU reported one.
+    pub server_leg: Option<LegState>,
+    /// Token grants.
+    pub grants: Grants,
 }
 
 /// A room's answer to [`Command::Join`].
@@ -188,6 +233,17 @@ pub struct Rooms {
     next_seq: Arc<AtomicU64>,
     /// No new rooms (see the module documentation).
     draining: AtomicBool,
+}
+
+/// How long an admin request waits for a room task.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+async fn inspect(handle: &RoomHandle) -> Option<RoomView> {
+    let (tx, rx) = oneshot::channel();
+    if !handle.send(Command::Inspect { reply: tx }).await {
+        return None;
+    }
+    tokio::time::timeout(ADMIN_TIMEOUT, rx).await.ok()?.ok()
 }
 
 /// Bound of a room's command queue. Senders wait when it is full, so a busy
@@ -301,6 +357,38 @@ impl Rooms {
             self.forget(room, handle.generation);
         }
         Err(ErrorCode::ServerShutdown)
+    }
+
+    /// Every room, described (admin API). Rooms that do not answer within
+    /// a second (busy, or closing) are left out.
+    pub async fn list(&self) -> Vec<RoomView> {
+        let handles: Vec<RoomHandle> = self.map.iter().map(|e| e.value().clone()).collect();
+        let mut rooms = Vec::with_capacity(handles.len());
+        for h in handles {
+            if let Some(view) = inspect(&h).await {
+                rooms.push(view);
+            }
+        }
+        rooms.sort_by(|a, b| a.id.cmp(&b.id));
+        rooms
+    }
+
+    /// Room `room`, described; `None` if it does not exist.
+    pub async fn inspect(&self, room: &str) -> Option<RoomView> {
+        let handle = self.map.get(room).map(|h| h.clone())?;
+        inspect(&handle).await
+    }
+
+    /// Removes member `id` of `room`, or all its members (`None`), with
+    /// `error removed`; returns how many were removed, `None` if the room
+    /// does not exist.
+    pub async fn remove(&self, room: &str, id: Option<String>) -> Option<usize> {
+        let handle = self.map.get(room).map(|h| h.clone())?;
+        let (tx, rx) = oneshot::channel();
+        if !handle.send(Command::Remove { id, reply: tx }).await {
+            return None;
+        }
+        tokio::time::timeout(ADMIN_TIMEOUT, rx).await.ok()?.ok()
     }
 
     fn forget(&self, room: &str, generation: u64) {

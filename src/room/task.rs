@@ -10,7 +10,8 @@ use tokio::time::{sleep_until, Instant};
 
 use super::mode::Change;
 use super::{Command, JoinReply, Kick, ModeMember, ModeState, NewParticipant, Outgoing};
-use super::{RoomHandle, RoomSettings};
+use super::{ParticipantView, RoomHandle, RoomSettings, RoomView};
+use crate::auth::Grants;
 use crate::media::sfu::{MediaCommand, MediaEvent, RouterId, EVENT_QUEUE};
 use crate::metrics::Metrics;
 use crate::signaling::protocol::{
@@ -36,6 +37,8 @@ struct Member {
     /// Lacks the publish or the subscribe grant: only the server can
     /// enforce that, so the room keeps such a member on the server.
     restricted: bool,
+    /// Its token's grants.
+    grants: Grants,
 }
 
 impl Member {
@@ -217,6 +220,43 @@ impl Room {
                 let change = self.mode.p2p_failed(&id, Instant::now());
                 self.after_mode_change(change, None, "p2p_failed");
             }
+            Command::Inspect { reply } => {
+                let _ = reply.send(RoomView {
+                    id: self.id.clone(),
+                    mode: self.mode.mode(),
+                    epoch: self.mode.epoch(),
+                    participants: self
+                        .members
+                        .iter()
+                        .map(|m| ParticipantView {
+                            id: m.id.clone(),
+                            name: m.name.clone(),
+                            identity: m.identity.clone(),
+                            audio_muted: m.audio_muted,
+                            video_muted: m.video_muted,
+                            server_leg: m.leg,
+                            grants: m.grants,
+                        })
+                        .collect(),
+                });
+            }
+            Command::Remove { id, reply } => {
+                let ids: Vec<String> = self
+                    .members
+                    .iter()
+                    .filter(|m| id.as_ref().is_none_or(|id| *id == m.id))
+                    .map(|m| m.id.clone())
+                    .collect();
+                let _ = reply.send(ids.len());
+                for id in ids {
+                    tracing::info!(room = %self.id, participant = %id, "removed by an operator");
+                    self.pending.push(Removal {
+                        id,
+                        reason: LeaveReason::Kicked,
+                        kick: Some(ErrorCode::Removed),
+                    });
+                }
+            }
         }
     }
 
@@ -252,6 +292,7 @@ impl Room {
             leg: None,
             joined_at: Some(Instant::now()),
             restricted: !(publish && subscribe),
+            grants: p.grants,
         };
         let info = member.info();
         let others: Vec<MemberInfo> = self.members.iter().map(Member::info).collect();

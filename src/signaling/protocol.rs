@@ -391,6 +391,8 @@ pub enum ErrorCode {
     TooManyJoins,
     /// The server holds its maximum number of rooms.
     TooManyRooms,
+    /// An operator removed the participant (admin API).
+    Removed,
 }
 
 impl ErrorCode {
@@ -422,6 +424,7 @@ impl ErrorCode {
             ErrorCode::Draining => "draining",
             ErrorCode::TooManyJoins => "too_many_joins",
             ErrorCode::TooManyRooms => "too_many_rooms",
+            ErrorCode::Removed => "removed",
         }
     }
 }

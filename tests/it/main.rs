@@ -5,6 +5,7 @@
 // its modules.
 #![allow(unreachable_pub)]
 
+mod admin;
 mod common;
 mod faults;
 mod fuzz;
