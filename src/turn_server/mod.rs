@@ -4,13 +4,13 @@
 //! The protocol is webrtc-rs's `turn` crate (its `server` module, version
 //! pinned). Confab wraps the two kinds of socket the crate is given:
 //!
-//! - **the listening socket** ([`Gate`]): every datagram is inspected before
+//! - **the listening socket** (`Gate`): every datagram is inspected before
 //!   the crate sees it. Undecodable datagrams are dropped. Requests with
 //!   credentials are checked first: expired or wrongly signed credentials
 //!   get 401, an allocation over the per-user or total quota gets 486, a
 //!   permission or channel for a peer address the [`PeerPolicy`] refuses
 //!   gets 403. Everything else goes to the crate unchanged.
-//! - **each relay socket** ([`RelayConn`], one per allocation, from the
+//! - **each relay socket** (`RelayConn`, one per allocation, from the
 //!   port range): counts relayed packets and bytes, drops traffic to and
 //!   from refused peers (a second line behind the gate), and holds the
 //!   allocation's quota slot until the allocation is gone.
