@@ -59,6 +59,10 @@ pub struct ShutdownHandle {
     rooms: Arc<Rooms>,
 }
 
+/// Longest wait at shutdown for sessions to say goodbye (each has a 2 s
+/// close grace of its own).
+const SESSION_CLOSE_WAIT: Duration = Duration::from_secs(3);
+
 /// How often a drain checks whether the rooms are empty.
 const DRAIN_POLL: Duration = Duration::from_millis(100);
 
@@ -217,6 +221,7 @@ impl Server {
                 let _ = shutdown.wait_for(|down| *down).await;
             }
         };
+        let metrics = Arc::clone(&self.state.signal.metrics);
         let separate_metrics = self.metrics_listener.is_some();
         let admin = self
             .state
@@ -265,6 +270,14 @@ impl Server {
         .await;
         if let Some(m) = metrics_server {
             let _ = m.await;
+        }
+        // Upgraded WebSockets are not connections axum waits for: give the
+        // sessions their bounded time to send `server_shutdown` and the
+        // close frame, so that clients learn why rather than see the
+        // connection drop.
+        let deadline = tokio::time::Instant::now() + SESSION_CLOSE_WAIT;
+        while metrics.connections.get() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if let Some(turn) = turn {
             turn.close().await;

@@ -882,6 +882,23 @@ class Session {
     const reason = error
       ? `The server closed the connection: ${error.code}${error.message ? ` (${error.message})` : ''}.`
       : `The connection to the server was lost (close code ${event.code}).`;
+    // A server going away (a rolling update drains it), refusing new rooms
+    // while draining, or a lost connection: rejoin by itself, with backoff.
+    // Anything the user or an operator must act on (tokens, removed,
+    // replaced, room full) ends the call.
+    const transient = error
+      ? RETRYABLE_ERRORS.has(error.code)
+      : event.code !== 1000 && event.code !== 1008;
+    if (transient && reconnect.attempts < RECONNECT_ATTEMPTS) {
+      const delay = Math.min(RECONNECT_MAX_MS, RECONNECT_BASE_MS * 2 ** reconnect.attempts) * (0.75 + 0.5 * Math.random());
+      reconnect.attempts += 1;
+      reconnect.history.push({ at: Math.round(performance.now()), attempt: reconnect.attempts, delayMs: Math.round(delay), reason: error?.code ?? event.code });
+      if (reconnect.history.length > 20) reconnect.history.shift();
+      showEnded('Reconnecting…', `${reason} Rejoining in ${Math.ceil(delay / 1000)} s (attempt ${reconnect.attempts} of ${RECONNECT_ATTEMPTS}).`);
+      clearTimeout(reconnect.timer);
+      reconnect.timer = setTimeout(() => startSession(readJoinParams()), delay);
+      return;
+    }
     showEnded('Disconnected', reason);
   }
 
@@ -926,6 +943,7 @@ class Session {
 
   onJoined(msg) {
     this.joined = true;
+    reconnect.attempts = 0;
     this.participantId = msg.participant_id;
     this.iceServers = iceServersFromWire(msg.ice_servers);
     this.record('joined', { v: msg.v, participantId: this.participantId });
@@ -1415,6 +1433,8 @@ class Session {
       room: this.room,
       name: this.name,
       joined: this.joined,
+      /** Automatic rejoins scheduled in this page's life (kept across sessions). */
+      reconnects: [...reconnect.history],
       participantId: this.participantId,
       mode: this.mode ? { ...this.mode } : null,
       epoch: this.mode?.epoch ?? null,
@@ -1467,7 +1487,16 @@ function setToggle(button, pressed, enabled, icon) {
 const grid = new TileGrid($('grid'));
 let session = null;
 
+/** Errors after which the client rejoins by itself (see onSocketClosed). */
+const RETRYABLE_ERRORS = new Set(['server_shutdown', 'draining', 'too_many_joins', 'too_many_rooms', 'join_timeout']);
+const RECONNECT_ATTEMPTS = 6;
+const RECONNECT_BASE_MS = 1000;
+const RECONNECT_MAX_MS = 15_000;
+/** Automatic rejoins since the last successful join. */
+const reconnect = { attempts: 0, timer: null, history: [] };
+
 function startSession(params) {
+  clearTimeout(reconnect.timer);
   banner.hide();
   session = new Session(params);
   session.start().catch((err) => {

@@ -63,12 +63,12 @@ process.on('exit', () => {
  * @returns {Promise<{url: string, port: number, mediaPort: number|null, turnPort: number|null,
  *   child: import('node:child_process').ChildProcess, output: () => string, stop: () => Promise<void>}>}
  */
-export async function startServer({ args = [], env = {}, timeoutMs = 15_000 } = {}) {
+export async function startServer({ args = [], env = {}, timeoutMs = 15_000, listen = '127.0.0.1:0' } = {}) {
   const bin = serverBinary();
   if (!existsSync(bin)) {
     throw new Error(`server binary not found at ${bin} (build it with \`cargo build --bin confab\` or set CONFAB_BIN)`);
   }
-  const child = spawn(bin, ['serve', '--listen', '127.0.0.1:0', '--media-port', '0', '--turn-port', '0', ...args], {
+  const child = spawn(bin, ['serve', '--listen', listen, '--media-port', '0', '--turn-port', '0', ...args], {
     cwd: repoRoot,
     env: { ...process.env, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -156,6 +156,8 @@ export async function startServer({ args = [], env = {}, timeoutMs = 15_000 } = 
       mediaPort: mediaPortIn(stdout),
       turnPort: turnPortIn(stdout),
       child,
+      /** Resolves with `{ code, signal }` when the process has exited. */
+      exited,
       output: () => output,
       stop,
     };
