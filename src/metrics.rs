@@ -11,6 +11,9 @@ use prometheus::{
 #[derive(Debug, Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// The standard `process_*` series, without Confab's prefix (what
+    /// dashboards and alerts expect).
+    process: Registry,
     /// Every metric's full name, in registration order.
     names: Vec<String>,
     /// Live rooms.
@@ -239,8 +242,16 @@ impl Metrics {
             "Retransmissions not sent because the downtrack's budget was spent",
         );
         let names = names.into_inner();
+        let process = Registry::new();
+        #[cfg(target_os = "linux")]
+        {
+            let _ = process.register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ));
+        }
         Metrics {
             registry,
+            process,
             names,
             rooms,
             participants,
@@ -290,7 +301,9 @@ impl Metrics {
         let mut buf = Vec::new();
         let encoder = TextEncoder::new();
         // Encoding into a Vec cannot fail for well-formed families.
-        let _ = encoder.encode(&self.registry.gather(), &mut buf);
+        let mut families = self.registry.gather();
+        families.extend(self.process.gather());
+        let _ = encoder.encode(&families, &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
 }

@@ -695,6 +695,8 @@ async fn serves_client_health_and_metrics() {
         "confab_mode_switch_gap_seconds_bucket{to=\"sfu\",le=\"0.2\"} 1",
         "confab_mode_switch_gap_seconds_bucket{to=\"sfu\",le=\"0.1\"} 0",
         "confab_draining 0",
+        "process_resident_memory_bytes ",
+        "process_cpu_seconds_total ",
     ] {
         assert!(body.contains(line), "missing {line}: {body}");
     }
