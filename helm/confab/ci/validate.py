@@ -13,6 +13,7 @@ Runs offline: helm-python-sdk bundles Helm's Go library and
 kubernetes-validate its schemas.
 """
 
+import base64
 import os
 import re
 import sys
@@ -277,6 +278,17 @@ check(KUBE_VERSIONS[0] == "1.29.0" and NEWEST in KUBE_VERSIONS, f"versions from 
 print(f"Kubernetes versions: {', '.join(KUBE_VERSIONS)}")
 
 # Defaults with a secret: Deployment, hostNetwork, the node's IP in the candidates.
+# Defaults alone: the chart generates the secret into its own Secret.
+objs, notes = case("defaults (generated secret)", {})
+generated = base64.b64decode(objs[("Secret", "confab")]["data"]["jwt-secret"]).decode()
+check(len(generated) == 48 and generated.isalnum(), "a generated secret of 48 characters")
+check(env(objs)["CONFAB_JWT_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "confab", "key": "jwt-secret"},
+      "the server reads the generated secret")
+check("CONFAB_INSECURE" not in env(objs), "not dev mode")
+again, _ = case("defaults again", {})
+check(base64.b64decode(again[("Secret", "confab")]["data"]["jwt-secret"]).decode() != generated,
+      "offline (no cluster to look the Secret up in), each render generates anew")
+
 objs, notes = case("defaults + secret", SECRET)
 w, spec, e, p = workload(objs), pod(objs), env(objs), ports(objs)
 check(w["kind"] == "Deployment" and w["spec"]["replicas"] == 1, "a Deployment of one")
@@ -465,7 +477,7 @@ must_fail("template: NodePort outside the NodePort range", merge(SECRET, {
 must_fail("template: media Service with hostNetwork", merge(SECRET, {"media": {"service": {"enabled": True}}}),
           "media.service.enabled needs hostNetwork=false")
 must_fail("template: wildcard publicIP", merge(SECRET, {"media": {"publicIP": "0.0.0.0"}}), "is not an address browsers can reach")
-must_fail("template: no secret", {}, "a JWT secret is required")
+must_fail("template: no secret and none to generate", {"auth": {"generateSecret": False}}, "a JWT secret is required")
 
 took = time.monotonic() - STARTED
 print(f"{counts['value sets']} value sets rendered, {counts['objects validated']} object validations "

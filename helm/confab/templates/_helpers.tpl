@@ -81,7 +81,15 @@ Key of the JWT secret inside that Secret.
 True (non-empty) when the server gets a JWT secret from a Secret.
 */}}
 {{- define "confab.hasSecret" -}}
-{{- if or .Values.auth.jwtSecret .Values.auth.existingSecret }}true{{ end }}
+{{- if or .Values.auth.jwtSecret .Values.auth.existingSecret (and .Values.auth.generateSecret (not .Values.auth.insecureDevMode)) }}true{{ end }}
+{{- end }}
+
+{{/*
+Whether the chart creates the Secret: from auth.jwtSecret, or generated
+(auth.generateSecret) when neither a value nor an existing Secret is given.
+*/}}
+{{- define "confab.createsSecret" -}}
+{{- if and (include "confab.hasSecret" .) (not .Values.auth.existingSecret) }}true{{ end }}
 {{- end }}
 
 {{/*
@@ -96,8 +104,8 @@ and refuses settings the server would reject at start.
 {{- if and $auth.insecureDevMode (or $auth.jwtSecret $auth.existingSecret) }}
 {{- fail "confab: auth.insecureDevMode=true turns authentication off and cannot be combined with auth.jwtSecret or auth.existingSecret; remove one of them" }}
 {{- end }}
-{{- if and (not $auth.insecureDevMode) (not (or $auth.jwtSecret $auth.existingSecret)) }}
-{{- fail "confab: a JWT secret is required. Set auth.jwtSecret (at least 16 bytes; the chart stores it in a Secret) or auth.existingSecret (and auth.existingSecretKey) naming a Secret you created. Only for a throwaway test cluster, set auth.insecureDevMode=true to let anyone who reaches the server join any room." }}
+{{- if and (not $auth.insecureDevMode) (not (or $auth.jwtSecret $auth.existingSecret $auth.generateSecret)) }}
+{{- fail "confab: a JWT secret is required. Set auth.jwtSecret (at least 16 bytes; the chart stores it in a Secret), auth.existingSecret (and auth.existingSecretKey) naming a Secret you created, or auth.generateSecret=true to let the chart generate one. Only for a throwaway test cluster, set auth.insecureDevMode=true to let anyone who reaches the server join any room." }}
 {{- end }}
 {{- if and $auth.jwtSecret (lt (len (toString $auth.jwtSecret)) 16) }}
 {{- fail "confab: auth.jwtSecret must be at least 16 bytes (the server refuses shorter secrets)" }}
