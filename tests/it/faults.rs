@@ -1323,3 +1323,151 @@ async fn subscribe_grant() {
     }
     server.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------
+// A subscriber on a bad network, then a blackout
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impaired_subscriber_recovers_and_harms_nobody() {
+    run_scenario("impaired network scenario", impaired_network()).await;
+}
+
+/// c receives through a seeded relay that, towards c, loses 5 % of the
+/// video packets independently plus bursts of up to 6, duplicates 2 % and
+/// holds back 20 % by up to 40 ms (reordering). NACK/RTX must recover most
+/// losses, a and b must not notice; then c's network goes dark for 3 s and
+/// c must render both a and b again within 2 s of its return.
+async fn impaired_network() {
+    use crate::lossy_proxy::Network;
+    let mut cfg = test_config();
+    cfg.mode_policy.never_p2p = true;
+    let server = start_server_with(cfg).await;
+    let network = Network {
+        burst_start: 0.01,
+        burst_max: 6,
+        duplicate: 0.02,
+        jitter_fraction: 0.2,
+        jitter_max: Duration::from_millis(40),
+    };
+    let proxy = LossyProxy::start_impaired(
+        server.media_addr,
+        0.05,
+        network,
+        0x5eed_0bad,
+        VIDEO_PAYLOAD_TYPE,
+        Towards::Client,
+    )
+    .await;
+    let room = room_name("fault-impaired");
+    let members = vec![
+        join_member(server.addr, &room, PeerConfig::video("a").with_audio()).await,
+        join_member(server.addr, &room, PeerConfig::video("b").with_audio()).await,
+        join_member(
+            server.addr,
+            &room,
+            PeerConfig::video("c")
+                .with_audio()
+                .server_media_via(server.media_addr, proxy.addr),
+        )
+        .await,
+    ];
+    let all: Vec<&Member> = members.iter().collect();
+    wait_all_via_server(&all).await;
+    let (a, b, c) = (all[0], all[1], all[2]);
+    let started = Instant::now();
+
+    // 1. Five seconds of a bad network towards c.
+    let counters = |m: &Member| m.peer.video().map(|s| s.next_counter()).unwrap();
+    let from = [counters(a), counters(b)];
+    proxy.arm(true);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    proxy.arm(false);
+    let to = [counters(a), counters(b)];
+    // Late retransmissions.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let stats = proxy.stats();
+    let mut delivered = Vec::new();
+    for (i, s) in [a, b].iter().enumerate() {
+        let tag = s.peer.video().unwrap().tag;
+        let got: std::collections::BTreeSet<u32> = c
+            .peer
+            .records_of(tag, Path::Server)
+            .iter()
+            .flat_map(|r| r.counters())
+            .filter(|n| (from[i]..to[i]).contains(n))
+            .collect();
+        delivered.push((got.len(), (to[i] - from[i]) as usize));
+    }
+    let impaired_end = Instant::now();
+
+    // 2. Three seconds with no network at all for c, both ways.
+    proxy.blackhole(true);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let back = [counters(a), counters(b)];
+    let back_at = Instant::now();
+    proxy.blackhole(false);
+    let mut recovered = Vec::new();
+    for (i, s) in [a, b].iter().enumerate() {
+        let tag = s.peer.video().unwrap().tag;
+        let when = loop {
+            let rendered = c.peer.stream(tag).and_then(|v| {
+                v.rendered
+                    .iter()
+                    .find(|r| r.counter >= back[i] && r.at >= back_at)
+                    .map(|r| r.at)
+            });
+            if let Some(at) = rendered {
+                break Some(at - back_at);
+            }
+            if back_at.elapsed() > Duration::from_secs(10) {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        recovered.push(when);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (others_gap, on) = max_gap(&[a, b], &[a, b], started, Instant::now());
+    println!(
+        "impaired network towards c: relay dropped {} video packets ({} in bursts), duplicated {}, \
+         held back {} of {}; c got {:?} (unique/sent) of a's and b's video in the 5 s; after a 3 s \
+         blackout c renders a and b again after {:?}; longest gap between a and b meanwhile {:?} \
+         ({on}); impaired phase ended {:?} after the start",
+        stats.dropped.len(),
+        stats.burst_dropped,
+        stats.duplicated,
+        stats.delayed,
+        stats.rtp_armed,
+        delivered,
+        recovered,
+        others_gap,
+        impaired_end - started,
+    );
+    assert!(
+        stats.dropped.len() >= 10 && stats.burst_dropped >= 2,
+        "the relay impaired the stream"
+    );
+    assert!(
+        stats.duplicated >= 1 && stats.delayed >= 10,
+        "duplicates and reordering happened"
+    );
+    for (got, sent) in &delivered {
+        assert!(
+            *got as f64 >= 0.95 * *sent as f64,
+            "NACK/RTX recovered most losses: {got} of {sent}"
+        );
+    }
+    for r in &recovered {
+        let r = r.expect("c renders again after the blackout");
+        assert!(r < Duration::from_secs(2), "recovery took {r:?}");
+    }
+    assert!(
+        others_gap < MAX_GAP,
+        "a and b saw a gap of {others_gap:?} ({on})"
+    );
+    for m in members {
+        m.close().await;
+    }
+    server.shutdown().await;
+}

@@ -10,6 +10,10 @@
 //! other client address. STUN, DTLS and RTCP pass untouched, and so does
 //! everything while the relay is not armed. The RTP header (sequence number,
 //! SSRC) is not encrypted by SRTP, so the relay can read it.
+//!
+//! Beyond independent loss, [`Network`] adds burst loss, duplication and
+//! jitter (which reorders) to the impaired direction, all drawn from the
+//! same seeded generator.
 
 use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -42,6 +46,12 @@ pub(crate) struct ProxyStats {
     pub(crate) rtp_armed: u64,
     /// Dropped packets, in order.
     pub(crate) dropped: Vec<Dropped>,
+    /// Packets sent twice.
+    pub(crate) duplicated: u64,
+    /// Packets held back (jitter).
+    pub(crate) delayed: u64,
+    /// Losses that were part of a burst.
+    pub(crate) burst_dropped: u64,
 }
 
 /// Which way the relay drops packets.
@@ -52,6 +62,22 @@ pub(crate) enum Towards {
     /// The client's RTP to the server (the server's NACK generator asks the
     /// client, a publisher, to retransmit).
     Server,
+}
+
+/// Impairments beyond independent loss, applied to RTP of the impaired
+/// payload type in the impaired direction while armed.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Network {
+    /// Probability per packet that a burst of losses starts.
+    pub(crate) burst_start: f64,
+    /// Longest burst (packets); bursts are 2 to this long.
+    pub(crate) burst_max: u32,
+    /// Probability that a forwarded packet is sent twice.
+    pub(crate) duplicate: f64,
+    /// Probability that a forwarded packet is held back...
+    pub(crate) jitter_fraction: f64,
+    /// ...by up to this long (so later packets overtake it).
+    pub(crate) jitter_max: std::time::Duration,
 }
 
 /// A running relay; stops when dropped.
@@ -109,7 +135,28 @@ impl LossyProxy {
         payload_type: u8,
         towards: Towards,
     ) -> LossyProxy {
-        let down = UdpSocket::bind("127.0.0.1:0").await.expect("relay binds");
+        Self::start_impaired(
+            server,
+            loss,
+            Network::default(),
+            seed,
+            payload_type,
+            towards,
+        )
+        .await
+    }
+
+    /// As [`LossyProxy::start_towards`], with burst loss, duplication and
+    /// jitter as well.
+    pub(crate) async fn start_impaired(
+        server: SocketAddr,
+        loss: f64,
+        network: Network,
+        seed: u64,
+        payload_type: u8,
+        towards: Towards,
+    ) -> LossyProxy {
+        let down = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("relay binds"));
         let up = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("relay binds"));
         let captured = Arc::new(Mutex::new(VecDeque::new()));
         let addr = down.local_addr().unwrap();
@@ -123,6 +170,8 @@ impl LossyProxy {
             server,
             Impairment {
                 loss,
+                network,
+                burst_left: 0,
                 rng: Rng(seed.max(1)),
                 payload_type,
                 towards,
@@ -178,6 +227,9 @@ impl LossyProxy {
 /// What the relay drops.
 struct Impairment {
     loss: f64,
+    network: Network,
+    /// Losses left in the current burst.
+    burst_left: u32,
     rng: Rng,
     payload_type: u8,
     towards: Towards,
@@ -202,7 +254,19 @@ impl Impairment {
         s.rtp_armed += 1;
         // Each packet is dropped at most once: its retransmission (same
         // SSRC and sequence) passes.
-        if seen.insert(key) && self.rng.unit() < self.loss {
+        if !seen.insert(key) {
+            return false;
+        }
+        let n = self.network;
+        if self.burst_left == 0 && n.burst_max >= 2 && self.rng.unit() < n.burst_start {
+            self.burst_left = 2 + (self.rng.unit() * f64::from(n.burst_max - 1)) as u32;
+        }
+        let in_burst = self.burst_left > 0;
+        if in_burst {
+            self.burst_left -= 1;
+            s.burst_dropped += 1;
+        }
+        if in_burst || self.rng.unit() < self.loss {
             s.dropped.push(Dropped {
                 ssrc: key.0,
                 sequence: key.1,
@@ -212,11 +276,26 @@ impl Impairment {
         }
         false
     }
+
+    /// How to deliver a packet that passed: `(copies, delay)`.
+    fn delivery(&mut self, datagram: &[u8], towards: Towards) -> (u32, std::time::Duration) {
+        if towards != self.towards || rtp_of_type(datagram, self.payload_type).is_none() {
+            return (1, std::time::Duration::ZERO);
+        }
+        let n = self.network;
+        let copies = if self.rng.unit() < n.duplicate { 2 } else { 1 };
+        let delay = if self.rng.unit() < n.jitter_fraction {
+            n.jitter_max.mul_f64(self.rng.unit())
+        } else {
+            std::time::Duration::ZERO
+        };
+        (copies, delay)
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn relay(
-    down: UdpSocket,
+    down: Arc<UdpSocket>,
     up: Arc<UdpSocket>,
     captured: Arc<Mutex<VecDeque<Vec<u8>>>>,
     server: SocketAddr,
@@ -260,13 +339,36 @@ async fn relay(
                     continue;
                 }
                 let datagram = &from_server[..n];
-                if armed.load(Ordering::Relaxed)
-                    && impairment.drops(datagram, Towards::Client, &mut seen, &stats)
-                {
+                let is_armed = armed.load(Ordering::Relaxed);
+                if is_armed && impairment.drops(datagram, Towards::Client, &mut seen, &stats) {
                     continue;
                 }
-                let _ = down.send_to(datagram, client).await;
-                stats.lock().unwrap().down += 1;
+                let (copies, delay) = if is_armed {
+                    impairment.delivery(datagram, Towards::Client)
+                } else {
+                    (1, std::time::Duration::ZERO)
+                };
+                {
+                    let mut s = stats.lock().unwrap();
+                    s.down += 1;
+                    s.duplicated += u64::from(copies - 1);
+                    s.delayed += u64::from(!delay.is_zero());
+                }
+                if delay.is_zero() {
+                    for _ in 0..copies {
+                        let _ = down.send_to(datagram, client).await;
+                    }
+                } else {
+                    // Held back while later packets go ahead: reordering.
+                    let down = Arc::clone(&down);
+                    let datagram = datagram.to_vec();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        for _ in 0..copies {
+                            let _ = down.send_to(&datagram, client).await;
+                        }
+                    });
+                }
             }
         }
     }
