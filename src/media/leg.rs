@@ -370,6 +370,33 @@ pub struct DownTrack {
     offered_in: u64,
 }
 
+/// The track a downtrack of `publisher`'s `kind` sends, with SSRC `ssrc`:
+/// stream id = the publisher's participant id (what clients map tracks to
+/// members by), track id `<publisher>-<kind>`. Returns the track id too.
+fn downtrack_media(publisher: &str, kind: Kind, ssrc: u32) -> (String, MediaStreamTrack) {
+    let track_id = format!("{publisher}-{}", kind.as_str());
+    let codec = match kind {
+        Kind::Audio => opus(),
+        Kind::Video => vp8(),
+    };
+    let encodings = vec![RTCRtpEncodingParameters {
+        rtp_coding_parameters: RTCRtpCodingParameters {
+            ssrc: Some(ssrc),
+            ..Default::default()
+        },
+        codec,
+        ..Default::default()
+    }];
+    let track = MediaStreamTrack::new(
+        publisher.to_owned(),
+        track_id.clone(),
+        track_id.clone(),
+        kind.rtc(),
+        encodings,
+    );
+    (track_id, track)
+}
+
 /// A downtrack whose publisher left.
 struct SpareTrack {
     kind: Kind,
@@ -606,26 +633,8 @@ impl Leg {
         }
         let make = |pc: &mut RTCPeerConnection, kind: Kind, generation: u64| {
             let ssrc = rand::random::<u32>() | 1;
-            let track_id = format!("{publisher}-{}", kind.as_str());
-            let codec = match kind {
-                Kind::Audio => opus(),
-                Kind::Video => vp8(),
-            };
-            let encodings = vec![RTCRtpEncodingParameters {
-                rtp_coding_parameters: RTCRtpCodingParameters {
-                    ssrc: Some(ssrc),
-                    ..Default::default()
-                },
-                codec,
-                ..Default::default()
-            }];
-            let track = MediaStreamTrack::new(
-                publisher.to_owned(),
-                track_id.clone(),
-                track_id.clone(),
-                kind.rtc(),
-                encodings.clone(),
-            );
+            let (track_id, track) = downtrack_media(publisher, kind, ssrc);
+            let encodings = track.codings().to_vec();
             let id = pc
                 .add_transceiver_from_track(
                     track,
@@ -681,27 +690,7 @@ impl Leg {
             return Ok(None);
         };
         let mut track = self.spare.swap_remove(i).track;
-        let ssrc = track.forwarder.params().ssrc;
-        let track_id = format!("{publisher}-{}", kind.as_str());
-        let codec = match kind {
-            Kind::Audio => opus(),
-            Kind::Video => vp8(),
-        };
-        let encodings = vec![RTCRtpEncodingParameters {
-            rtp_coding_parameters: RTCRtpCodingParameters {
-                ssrc: Some(ssrc),
-                ..Default::default()
-            },
-            codec,
-            ..Default::default()
-        }];
-        let media = MediaStreamTrack::new(
-            publisher.to_owned(),
-            track_id.clone(),
-            track_id.clone(),
-            kind.rtc(),
-            encodings,
-        );
+        let (track_id, media) = downtrack_media(publisher, kind, track.forwarder.params().ssrc);
         // Sending again first: rtc hands out a sender only for a
         // transceiver whose direction sends.
         if let Some(mut t) = self
