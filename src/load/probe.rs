@@ -70,23 +70,7 @@ impl SpawnedServer {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("cannot start {program}: {e}"))?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let mut http = None;
-        for line in lines.by_ref().take(10) {
-            let line = line.map_err(|e| e.to_string())?;
-            if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) {
-                http = url
-                    .trim_start_matches("http://")
-                    .trim_end_matches('/')
-                    .parse()
-                    .ok();
-                break;
-            }
-        }
-        // Keep draining stdout so that the server never blocks on it.
-        std::thread::spawn(move || for _ in lines {});
-        let Some(http) = http else {
+        let Some(http) = read_http_addr(&mut child) else {
             let _ = child.kill();
             let _ = child.wait();
             return Err("the server did not print its address".into());
@@ -105,6 +89,29 @@ impl Drop for SpawnedServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Reads the HTTP address a spawned `confab serve` prints on its piped
+/// stdout (`Confab is running. Open http://ADDR/ …`, within its first ten
+/// lines), then keeps draining stdout on a thread so that the server never
+/// blocks on it. `None` if no address came.
+pub fn read_http_addr(child: &mut Child) -> Option<SocketAddr> {
+    let stdout = child.stdout.take()?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut http = None;
+    for line in lines.by_ref().take(10) {
+        let Ok(line) = line else { break };
+        if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) {
+            http = url
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .parse()
+                .ok();
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    http
 }
 
 /// CPU time of every thread of `pid` in nanoseconds (from

@@ -11,18 +11,16 @@
 //! `confab_media_routes`, ...) and, for a spawned `confab` process, from
 //! `/proc/<pid>`.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use webrtc::media_stream::track_remote::TrackRemote;
 
 use crate::common::{
-    join, join_with, media_test_lock, metric_value, room_name, start_server_with, test_config,
-    Event, WsClient, PROTOCOL_VERSION, STEP,
+    http_get, join, join_with, media_test_lock, metric_value, room_name, start_server_with,
+    test_config, Event, WsClient, PROTOCOL_VERSION, STEP,
 };
 use crate::lossy_proxy::{LossyProxy, Towards};
 use crate::rtc_peer::{
@@ -197,22 +195,8 @@ impl Spawned {
             .stderr(Stdio::null())
             .spawn()
             .expect("confab starts");
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let mut http = None;
-        for line in lines.by_ref().take(10) {
-            let line = line.unwrap();
-            if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) {
-                http = url
-                    .trim_start_matches("http://")
-                    .trim_end_matches('/')
-                    .parse()
-                    .ok();
-                break;
-            }
-        }
-        std::thread::spawn(move || for _ in lines {});
-        let http = http.expect("the server printed its address");
+        let http = confab::load::probe::read_http_addr(&mut child)
+            .expect("the server printed its address");
         Spawned { child, http }
     }
 
@@ -234,20 +218,9 @@ impl Drop for Spawned {
 
 /// The server's `/metrics` text.
 async fn scrape(http: SocketAddr) -> String {
-    let fetch = async {
-        let mut s = tokio::net::TcpStream::connect(http).await.ok()?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let mut body = Vec::new();
-        s.read_to_end(&mut body).await.ok()?;
-        Some(String::from_utf8_lossy(&body).into_owned())
-    };
-    tokio::time::timeout(STEP, fetch)
-        .await
-        .ok()
-        .flatten()
-        .expect("/metrics answers")
+    let (status, body) = http_get(http, "/metrics").await;
+    assert_eq!(status, 200, "/metrics answers");
+    body
 }
 
 /// The resource gauges compared against a baseline.
