@@ -16,8 +16,9 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -42,7 +43,17 @@ pub fn router(state: AdminState) -> Router {
             "/admin/rooms/{room}/participants/{id}",
             axum::routing::delete(remove_participant),
         )
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
+}
+
+/// Lets a request through to the admin routes only with the token.
+async fn require_token(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    if authorized(&state, request.headers()) {
+        next.run(request).await
+    } else {
+        unauthorized()
+    }
 }
 
 /// Whether the request carries the admin token.
@@ -73,36 +84,19 @@ fn unauthorized() -> Response {
         .into_response()
 }
 
-async fn list(State(state): State<AdminState>, headers: HeaderMap) -> Response {
-    if !authorized(&state, &headers) {
-        return unauthorized();
-    }
+async fn list(State(state): State<AdminState>) -> Response {
     let rooms = state.rooms.list().await;
     Json(serde_json::json!({ "rooms": rooms })).into_response()
 }
 
-async fn show(
-    State(state): State<AdminState>,
-    headers: HeaderMap,
-    Path(room): Path<String>,
-) -> Response {
-    if !authorized(&state, &headers) {
-        return unauthorized();
-    }
+async fn show(State(state): State<AdminState>, Path(room): Path<String>) -> Response {
     match state.rooms.inspect(&room).await {
         Some(view) => Json(view).into_response(),
         None => (StatusCode::NOT_FOUND, "no such room\n").into_response(),
     }
 }
 
-async fn close_room(
-    State(state): State<AdminState>,
-    headers: HeaderMap,
-    Path(room): Path<String>,
-) -> Response {
-    if !authorized(&state, &headers) {
-        return unauthorized();
-    }
+async fn close_room(State(state): State<AdminState>, Path(room): Path<String>) -> Response {
     match state.rooms.remove(&room, None).await {
         Some(n) => Json(serde_json::json!({ "removed": n })).into_response(),
         None => (StatusCode::NOT_FOUND, "no such room\n").into_response(),
@@ -111,12 +105,8 @@ async fn close_room(
 
 async fn remove_participant(
     State(state): State<AdminState>,
-    headers: HeaderMap,
     Path((room, id)): Path<(String, String)>,
 ) -> Response {
-    if !authorized(&state, &headers) {
-        return unauthorized();
-    }
     match state.rooms.remove(&room, Some(id)).await {
         Some(1) => StatusCode::NO_CONTENT.into_response(),
         Some(_) => (StatusCode::NOT_FOUND, "no such participant\n").into_response(),
