@@ -34,7 +34,7 @@ use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
-    RTCRtpEncodingParameters, RtpCodecKind,
+    RTCRtpEncodingParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
 use rtc::rtp_transceiver::{
     RTCRtpReceiverId, RTCRtpSenderId, RTCRtpTransceiverDirection, RTCRtpTransceiverId,
@@ -43,6 +43,7 @@ use rtc::rtp_transceiver::{
 use rtc::sansio::Protocol;
 
 use super::forwarder::{DownTrackParams, Drop as FwdDrop, Forwarder, Verdict};
+use super::speaker::LevelMeter;
 use crate::signaling::protocol::LegState;
 
 /// SRTP replay window (packets): as long as the NACK responder's buffer.
@@ -397,6 +398,35 @@ fn downtrack_media(publisher: &str, kind: Kind, ssrc: u32) -> (String, MediaStre
     (track_id, track)
 }
 
+/// RFC 6464's header extension: the audio level of each packet.
+pub const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
+
+/// The id of the audio-level extension in the first audio section of a
+/// client's answer (the publish slot: the server's offer puts it first and
+/// offers the extension nowhere else). The answer repeats the offer's id
+/// (RFC 8285), so this is what the client's packets carry.
+fn audio_level_id(answer: &rtc::sdp::SessionDescription) -> Option<u8> {
+    let audio = answer
+        .media_descriptions
+        .iter()
+        .find(|m| m.media_name.media == "audio")?;
+    audio
+        .attributes
+        .iter()
+        .filter(|a| a.key == "extmap")
+        .filter_map(|a| {
+            let text = a.to_string();
+            rtc::sdp::extmap::ExtMap::unmarshal(&mut text.as_bytes()).ok()
+        })
+        .find(|e| {
+            e.uri
+                .as_ref()
+                .is_some_and(|u| u.as_str() == AUDIO_LEVEL_URI)
+        })
+        .and_then(|e| u8::try_from(e.value).ok())
+        .filter(|id| (1..=14).contains(id))
+}
+
 /// A downtrack whose publisher left.
 struct SpareTrack {
     kind: Kind,
@@ -439,6 +469,12 @@ pub struct Leg {
     pub state: LegState,
     /// Has been connected at least once (ICE and DTLS up, SRTP keys known).
     ever_connected: bool,
+    /// The id under which the client's answer accepted the audio-level
+    /// header extension on its audio (None: it sends no levels).
+    audio_level_id: Option<u8>,
+    /// Audio levels of the participant's packets since the speaker
+    /// detector last looked.
+    pub audio_levels: LevelMeter,
 }
 
 impl std::fmt::Debug for Leg {
@@ -538,6 +574,17 @@ impl Leg {
                 )
                 .map_err(err)?;
         }
+        // Publishers' audio levels (RFC 6464) feed the speaker detector;
+        // offered only where the server receives.
+        media_engine
+            .register_header_extension(
+                RTCRtpHeaderExtensionCapability {
+                    uri: AUDIO_LEVEL_URI.to_owned(),
+                },
+                RtpCodecKind::Audio,
+                Some(RTCRtpTransceiverDirection::Recvonly),
+            )
+            .map_err(err)?;
         let registry = Registry::new()
             .with(
                 Slot::from(DELIVER_RTCP_SLOT as usize),
@@ -601,6 +648,8 @@ impl Leg {
             renegotiate: false,
             state: LegState::Connecting,
             ever_connected: false,
+            audio_level_id: None,
+            audio_levels: LevelMeter::default(),
         })
     }
 
@@ -768,10 +817,27 @@ impl Leg {
         let answer = RTCSessionDescription::answer(sdp).map_err(err)?;
         self.pc.set_remote_description(now, answer).map_err(err)?;
         self.answered_generation = self.offer_generation;
+        self.audio_level_id = self
+            .pc
+            .remote_description()
+            .and_then(|d| d.unmarshal().ok())
+            .and_then(|d| audio_level_id(&d));
         if self.renegotiate {
             return self.negotiate(now);
         }
         Ok(None)
+    }
+
+    /// Records the audio level of one of the participant's audio packets,
+    /// if it carries one.
+    pub fn observe_audio_level(&mut self, header: &rtc::rtp::header::Header) {
+        if let Some(level) = self
+            .audio_level_id
+            .and_then(|id| header.get_extension(id))
+            .and_then(|b| b.first().copied())
+        {
+            self.audio_levels.observe(level);
+        }
     }
 
     /// Adds a trickled candidate of the client (errors are harmless: ICE-lite

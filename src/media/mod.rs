@@ -1,5 +1,6 @@
 //! The media plane's pure building blocks: RTP header parsing and
-//! rewriting ([`rtp`]) and the per-downtrack [`forwarder`].
+//! rewriting ([`rtp`]), the per-downtrack [`forwarder`] and active-speaker
+//! detection ([`speaker`]).
 //!
 //! This module knows nothing about rooms or signaling; the selective
 //! forwarding unit that feeds it from server-side peer connections is built
@@ -10,5 +11,6 @@ pub mod forwarder;
 pub mod leg;
 pub mod rtp;
 pub mod sfu;
+pub mod speaker;
 pub mod stun;
 pub mod vp8;

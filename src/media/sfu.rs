@@ -34,6 +34,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 use super::leg::{Forwarded, Kind, Leg, LegCounters};
+use super::speaker::{Speaker, SpeakerDetector};
 use super::{stun, vp8};
 use crate::metrics::Metrics;
 use crate::signaling::protocol::{IceCandidate, LegState};
@@ -62,8 +63,9 @@ const RECV_BATCH: usize = 32;
 /// ICE timers count STUN only and fail a leg after 30 s (consent expiry),
 /// too late for the others, who would see a frozen member meanwhile.
 pub const LEG_SILENCE_TIMEOUT: Duration = Duration::from_secs(12);
-/// How often the SFU looks for silent legs.
-const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the SFU looks for silent legs and closes a window of the
+/// speaker detectors.
+const SWEEP_INTERVAL: Duration = super::speaker::INTERVAL;
 /// Most datagrams in one UDP GSO send (the kernel's limit is 64).
 const GSO_MAX_SEGMENTS: usize = 32;
 
@@ -171,6 +173,12 @@ pub enum MediaEvent {
         /// The new state.
         state: LegState,
     },
+    /// The room's speakers changed (see [`super::speaker`]): loudest
+    /// first, the first is the dominant speaker; empty when nobody speaks.
+    Speakers {
+        /// The new list.
+        speakers: Vec<Speaker>,
+    },
     /// Something the client sent for its leg was refused.
     Refused {
         /// The participant.
@@ -211,6 +219,8 @@ struct Router {
     legs: Vec<(String, LegKey)>,
     /// Last keyframe request per publisher.
     last_pli: HashMap<String, Instant>,
+    /// Who is talking, from the publishers' audio levels.
+    speakers: SpeakerDetector,
 }
 
 struct LegEntry {
@@ -593,9 +603,29 @@ impl Sfu {
         for key in silent {
             self.fail_leg(key, LegFailure::Silent);
         }
+        self.detect_speakers();
         self.metrics
             .media_routes
             .set((self.by_ufrag.len() + self.by_addr.len()) as i64);
+    }
+
+    /// Closes a window of every room's speaker detector and tells the
+    /// rooms whose speakers changed.
+    fn detect_speakers(&mut self) {
+        let mut changed = Vec::new();
+        for (id, router) in &mut self.routers {
+            let legs = &mut self.legs;
+            let windows = router.legs.iter().map(|(participant, key)| {
+                let score = legs.get_mut(key).map_or(0.0, |e| e.leg.audio_levels.take());
+                (participant.as_str(), score)
+            });
+            if let Some(speakers) = router.speakers.update(windows) {
+                changed.push((*id, speakers));
+            }
+        }
+        for (router, speakers) in changed {
+            self.emit(router, MediaEvent::Speakers { speakers });
+        }
     }
 
     /// Closes the legs that panicked during the last drain or flush.
@@ -633,6 +663,7 @@ impl Sfu {
                         forwarding: false,
                         legs: Vec::new(),
                         last_pli: HashMap::new(),
+                        speakers: SpeakerDetector::default(),
                     },
                 );
             }
@@ -950,6 +981,9 @@ impl Sfu {
                             let Some(kind) = leg.inbound_kind(&track_id) else {
                                 continue;
                             };
+                            if kind == Kind::Audio {
+                                leg.observe_audio_level(&packet.header);
+                            }
                             // Header extensions are negotiated per leg; none is
                             // meaningful on another leg.
                             packet.header.extension = false;

@@ -15,8 +15,8 @@ use crate::auth::Grants;
 use crate::media::sfu::{MediaCommand, MediaEvent, RouterId, EVENT_QUEUE};
 use crate::metrics::Metrics;
 use crate::signaling::protocol::{
-    ErrorCode, LeaveReason, LegState, MediaMode, MemberInfo, ServerMessage, PROTOCOL_VERSION,
-    SFU_ID,
+    ErrorCode, LeaveReason, LegState, MediaMode, MemberInfo, ServerMessage, SpeakerInfo,
+    PROTOCOL_VERSION, SFU_ID,
 };
 
 /// A member as the room keeps it.
@@ -415,6 +415,16 @@ impl Room {
                     },
                     None,
                 );
+            }
+            MediaEvent::Speakers { speakers } => {
+                let speakers = speakers
+                    .into_iter()
+                    .map(|s| SpeakerInfo {
+                        id: s.id,
+                        level: s.level,
+                    })
+                    .collect();
+                self.broadcast(&ServerMessage::ActiveSpeakers { speakers }, None);
             }
             MediaEvent::Refused {
                 participant,

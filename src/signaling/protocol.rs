@@ -236,6 +236,15 @@ pub enum LeaveReason {
     Kicked,
 }
 
+/// One entry of `active_speakers`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SpeakerInfo {
+    /// Participant id.
+    pub id: String,
+    /// How loud, 0 to 1 (smoothed; hundredths).
+    pub level: f32,
+}
+
 /// Messages the server sends.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -284,6 +293,12 @@ pub enum ServerMessage {
         id: String,
         /// Its state.
         state: LegState,
+    },
+    /// Who is talking, loudest first (the first is the dominant speaker);
+    /// sent when the list changes while media goes through the server.
+    ActiveSpeakers {
+        /// The speakers; empty when nobody speaks.
+        speakers: Vec<SpeakerInfo>,
     },
     /// A relayed SDP offer.
     Offer {

@@ -108,15 +108,18 @@ pub enum Event {
 /// A protocol client over a real WebSocket.
 pub struct WsClient {
     ws: Ws,
-    /// Hide the server-leg traffic (`offer` from `sfu`, `server_leg`) from
-    /// `next_event` and everything built on it: signaling tests do not
-    /// negotiate media.
+    /// Hide the server-leg traffic (`offer` from `sfu`, `server_leg`,
+    /// `active_speakers`) from `next_event` and everything built on it:
+    /// signaling tests do not negotiate media.
     pub skip_media: bool,
 }
 
-/// Whether `v` is server-leg traffic that signaling-only tests ignore.
+/// Whether `v` is server-leg traffic (or news derived from media) that
+/// signaling-only tests ignore.
 pub fn is_media_message(v: &Value) -> bool {
-    (v["type"] == "offer" && v["from"] == "sfu") || v["type"] == "server_leg"
+    (v["type"] == "offer" && v["from"] == "sfu")
+        || v["type"] == "server_leg"
+        || v["type"] == "active_speakers"
 }
 
 impl WsClient {

@@ -16,4 +16,5 @@ mod process;
 mod rtc_peer;
 mod sfu_media;
 mod signaling;
+mod speakers;
 mod turn;

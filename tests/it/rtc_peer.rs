@@ -101,7 +101,7 @@ use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
-    RtpCodecKind,
+    RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
 use rtc::sansio::Protocol;
 use serde_json::{json, Value};
@@ -503,9 +503,15 @@ pub(crate) struct LocalSource {
     codec: RTCRtpCodec,
     keyframes: KeyframePolicy,
     keyframe_requested: AtomicBool,
+    /// RFC 6464 level (-dBov, 0-127) written in each audio packet's header
+    /// extension; [`NO_AUDIO_LEVEL`] writes none.
+    audio_level: std::sync::atomic::AtomicU8,
     state: Mutex<SourceState>,
     sent: Mutex<Vec<SentRecord>>,
 }
+
+/// [`LocalSource::set_audio_level`] value that sends no level.
+pub(crate) const NO_AUDIO_LEVEL: u8 = u8::MAX;
 
 impl LocalSource {
     fn new(name: &str, kind: RtpCodecKind, keyframes: KeyframePolicy) -> LocalSource {
@@ -523,12 +529,19 @@ impl LocalSource {
             codec,
             keyframes,
             keyframe_requested: AtomicBool::new(false),
+            audio_level: std::sync::atomic::AtomicU8::new(NO_AUDIO_LEVEL),
             state: Mutex::new(SourceState {
                 counter: 0,
                 timestamp: rand::random::<u32>(),
             }),
             sent: Mutex::new(Vec::new()),
         }
+    }
+
+    /// From now on, audio packets carry this level (RFC 6464: -dBov,
+    /// 0 loudest, 127 silence), or none with [`NO_AUDIO_LEVEL`].
+    pub(crate) fn set_audio_level(&self, level: u8) {
+        self.audio_level.store(level, Ordering::Relaxed);
     }
 
     /// Counter the next packet will carry.
@@ -658,10 +671,21 @@ impl LegTrack {
             },
             payload: encode_payload(source.kind, keyframe, source.tag, counter, len),
         };
-        self.track
-            .write_rtp(packet)
-            .await
-            .map_err(|e| format!("{} write_rtp of counter {counter}: {e}", source.track_id))?;
+        let level = source.audio_level.load(Ordering::Relaxed);
+        let written = if source.kind == RtpCodecKind::Audio && level != NO_AUDIO_LEVEL {
+            let extension = rtp::extension::HeaderExtension::AudioLevel(
+                rtp::extension::audio_level_extension::AudioLevelExtension {
+                    level: level & 0x7f,
+                    voice: level < 127,
+                },
+            );
+            self.track
+                .write_rtp_with_extensions(packet, &[extension])
+                .await
+        } else {
+            self.track.write_rtp(packet).await
+        };
+        written.map_err(|e| format!("{} write_rtp of counter {counter}: {e}", source.track_id))?;
         self.written.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -1477,6 +1501,17 @@ impl Leg {
                 RtpCodecKind::Audio,
             )
             .map_err(|e| err("register Opus", e))?;
+        // Audio levels for the server's speaker detection (browsers send
+        // them too).
+        media_engine
+            .register_header_extension(
+                RTCRtpHeaderExtensionCapability {
+                    uri: "urn:ietf:params:rtp-hdrext:ssrc-audio-level".to_owned(),
+                },
+                RtpCodecKind::Audio,
+                None,
+            )
+            .map_err(|e| err("register the audio-level extension", e))?;
         let registry = register_default_interceptors(Registry::new(), &mut media_engine)
             .map_err(|e| err("register interceptors", e))?
             // Last in the chain, so every interceptor has seen the RTCP first.
@@ -2301,6 +2336,8 @@ pub(crate) struct SignalingLog {
     pub(crate) participants_joined: Vec<(String, Instant)>,
     /// `participant_left`: member id, reason, arrival.
     pub(crate) participants_left: Vec<(String, String, Instant)>,
+    /// `active_speakers`: the ids listed, in order, and arrival.
+    pub(crate) speakers: Vec<(Vec<String>, Instant)>,
     /// Candidates from a member that is not our current peer (a leg that was
     /// already closed), ignored.
     pub(crate) stale_candidates: usize,
@@ -2550,6 +2587,17 @@ impl Driver {
                     .participants_left
                     .push((id, reason, now));
                 self.check_ready(sender).await;
+            }
+            "active_speakers" => {
+                let ids = message["speakers"]
+                    .as_array()
+                    .map(|list| {
+                        list.iter()
+                            .map(|s| s["id"].as_str().unwrap_or("").to_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                self.log.lock().unwrap().speakers.push((ids, now));
             }
             "error" => self.error(format!("server error: {message}")),
             _ => self.log.lock().unwrap().other.push(message),

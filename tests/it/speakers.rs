@@ -1,0 +1,192 @@
+//! Active speakers: three webrtc-rs members in a server-routed room send
+//! audio with RFC 6464 levels that the test sets; every member must be told
+//! who talks (`active_speakers`), loudest first, and the list must follow
+//! the conversation: a new talker appears, the floor passes, silence
+//! empties the list. A member whose client sends no levels is never listed.
+
+use std::time::{Duration, Instant};
+
+use crate::common::{join, media_test_lock, room_name, start_server_with, test_config};
+use crate::rtc_peer::{PeerConfig, RtcPeer, SignalingHandle, Streamer, NO_AUDIO_LEVEL};
+
+/// One audio and one video packet per source this often (Opus at 20 ms).
+const INTERVAL: Duration = Duration::from_millis(20);
+/// RTP payload size.
+const PAYLOAD_LEN: usize = 200;
+/// Bound on reaching a mode or a speaker list.
+const SETTLE: Duration = Duration::from_secs(10);
+/// RFC 6464 levels (-dBov): a talker, a quieter talker, silence.
+const LOUD: u8 = 10;
+const QUIET: u8 = 25;
+const SILENT: u8 = 127;
+
+struct Member {
+    peer: RtcPeer,
+    sig: SignalingHandle,
+    id: String,
+    streamer: Streamer,
+}
+
+impl Member {
+    fn set_level(&self, level: u8) {
+        self.peer
+            .audio()
+            .expect("an audio source")
+            .set_audio_level(level);
+    }
+
+    /// Every `active_speakers` list received, with its arrival.
+    fn lists(&self) -> Vec<(Vec<String>, Instant)> {
+        self.sig.log().speakers
+    }
+}
+
+async fn join_member(addr: std::net::SocketAddr, room: &str, name: &str) -> Member {
+    let peer = RtcPeer::new(PeerConfig::video(name).with_audio())
+        .await
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let (ws, joined) = join(addr, room, name).await;
+    let id = joined["participant_id"].as_str().unwrap().to_owned();
+    let (tx, rx) = ws.into_split();
+    let sig = peer.start_signaling(&joined, tx, rx);
+    let streamer = peer.start_streaming(INTERVAL, PAYLOAD_LEN);
+    Member {
+        peer,
+        sig,
+        id,
+        streamer,
+    }
+}
+
+/// Waits until every member's latest list satisfies `ok`; returns how long
+/// after `since` the slowest member got it.
+async fn wait_lists(
+    members: &[Member],
+    since: Instant,
+    what: &str,
+    ok: impl Fn(&[String]) -> bool,
+) -> Duration {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let latest: Vec<Option<(Vec<String>, Instant)>> =
+            members.iter().map(|m| m.lists().last().cloned()).collect();
+        if latest
+            .iter()
+            .all(|l| l.as_ref().is_some_and(|(ids, at)| *at >= since && ok(ids)))
+        {
+            return latest
+                .iter()
+                .map(|l| l.as_ref().unwrap().1 - since)
+                .max()
+                .unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not reached within {SETTLE:?}; latest lists: {:?}",
+            latest
+                .iter()
+                .map(|l| l.as_ref().map(|(ids, _)| ids))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speakers_follow_the_conversation_and_the_loudest_leads() {
+    let _serial = media_test_lock().await;
+    tokio::time::timeout(Duration::from_secs(60), conversation())
+        .await
+        .expect("the speaker scenario finishes within 60 s");
+}
+
+async fn conversation() {
+    let server = start_server_with(test_config()).await;
+    let room = room_name("speakers");
+    let mut members = Vec::new();
+    for name in ["a", "b", "c"] {
+        members.push(join_member(server.addr, &room, name).await);
+    }
+    // a and b send levels (silence for now); c's client sends none.
+    members[0].set_level(SILENT);
+    members[1].set_level(SILENT);
+    members[2].set_level(NO_AUDIO_LEVEL);
+    for m in &members {
+        m.peer
+            .wait_mode("sfu", 0, SETTLE)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", m.peer.name));
+        m.peer
+            .server_leg()
+            .wait_connected(SETTLE)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", m.peer.name));
+    }
+    let (a, b, c) = (
+        members[0].id.clone(),
+        members[1].id.clone(),
+        members[2].id.clone(),
+    );
+    let started = Instant::now();
+
+    // a talks, b is silent: a alone.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = Instant::now();
+    members[0].set_level(LOUD);
+    let a_listed = wait_lists(&members, t, "a listed", |l| l == [a.as_str()]).await;
+
+    // b joins in, quieter: listed second, a keeps the floor.
+    let t = Instant::now();
+    members[1].set_level(QUIET);
+    let b_second = wait_lists(&members, t, "b second", |l| l == [a.as_str(), b.as_str()]).await;
+
+    // a falls silent: b takes the floor, then is alone.
+    let t = Instant::now();
+    members[0].set_level(SILENT);
+    let b_first = wait_lists(&members, t, "b first", |l| l.first() == Some(&b)).await;
+    let a_dropped = wait_lists(&members, t, "a dropped", |l| l == [b.as_str()]).await;
+
+    // Everyone silent: an empty list.
+    let t = Instant::now();
+    members[1].set_level(SILENT);
+    let emptied = wait_lists(&members, t, "empty", |l| l.is_empty()).await;
+    let elapsed = started.elapsed();
+
+    for m in &members {
+        let lists = m.lists();
+        for (ids, _) in &lists {
+            assert!(
+                !ids.contains(&c),
+                "{}: c sends no levels but was listed: {ids:?}",
+                m.peer.name
+            );
+            assert!(
+                ids.iter().all(|id| *id == a || *id == b),
+                "{}: a list names a stranger: {ids:?}",
+                m.peer.name
+            );
+        }
+        // Lists change at most once per 250 ms window.
+        let bound = elapsed.as_millis() / 250 + 2;
+        assert!(
+            lists.len() as u128 <= bound,
+            "{}: {} lists in {elapsed:?}",
+            m.peer.name,
+            lists.len()
+        );
+        assert!(m.sig.log().errors.is_empty(), "{:?}", m.sig.log().errors);
+    }
+    eprintln!(
+        "speakers: a listed after {a_listed:?}, b second after {b_second:?}; after a stopped: \
+         b first {b_first:?}, a dropped {a_dropped:?}; empty {emptied:?} after b stopped; \
+         {} lists at a in {elapsed:?}",
+        members[0].lists().len()
+    );
+
+    for m in members {
+        m.streamer.stop().await;
+        m.sig.stop().await;
+        m.peer.close().await;
+    }
+    server.shutdown().await;
+}
