@@ -88,5 +88,69 @@ fn fan_out(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, fan_out);
+/// What active-speaker detection adds: per incoming audio packet, finding
+/// the audio-level extension among the header's (rtc has parsed them
+/// already) and feeding the publisher's meter; per room and 250 ms window,
+/// the detector's update.
+fn speakers(c: &mut Criterion) {
+    use confab::media::speaker::{LevelMeter, SpeakerDetector};
+    let mut group = c.benchmark_group("speakers");
+    let mut header = rtc::rtp::header::Header {
+        version: 2,
+        payload_type: 111,
+        ssrc: 0x1234_5678,
+        ..Default::default()
+    };
+    // As browsers send audio: transport-cc and the audio level.
+    header
+        .set_extension(3, bytes::Bytes::from_static(&[0, 1]))
+        .unwrap();
+    header
+        .set_extension(1, bytes::Bytes::from_static(&[0x80 | 30]))
+        .unwrap();
+    group.throughput(Throughput::Elements(u64::from(BATCH)));
+    group.bench_function("observe_audio_packet", |b| {
+        let mut meter = LevelMeter::default();
+        let id = Some(1u8);
+        b.iter(|| {
+            for _ in 0..BATCH {
+                if let Some(level) = black_box(id)
+                    .and_then(|id| black_box(&header).get_extension(id))
+                    .and_then(|b| b.first().copied())
+                {
+                    meter.observe(level);
+                }
+            }
+            black_box(meter.take())
+        });
+    });
+    for members in [3usize, 50] {
+        group.throughput(Throughput::Elements(members as u64));
+        group.bench_with_input(
+            BenchmarkId::new("room_window", members),
+            &members,
+            |b, &n| {
+                let names: Vec<String> = (0..n).map(|i| format!("p-{i:08x}")).collect();
+                let mut detector = SpeakerDetector::default();
+                let mut round = 0usize;
+                b.iter(|| {
+                    round += 1;
+                    // A few talkers whose loudness moves, the rest silent.
+                    let windows = names.iter().enumerate().map(|(i, id)| {
+                        let score = if i < 3 {
+                            ((i + round) % 5) as f32 / 5.0
+                        } else {
+                            0.0
+                        };
+                        (id.as_str(), score)
+                    });
+                    black_box(detector.update(windows))
+                });
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, fan_out, speakers);
 criterion_main!(benches);
