@@ -35,6 +35,17 @@ const SWAP_FRAME_GRACE_MS = 1_000;
 
 const PATHS = Object.freeze(['direct', 'server']);
 
+/**
+ * Speaker indication in peer-to-peer mode, where the server sees no media:
+ * the browser measures it from getStats, with the server's thresholds (see
+ * `active_speakers` in docs/protocol.md).
+ */
+const SPEAKER_POLL_MS = 250;
+/** Mean audio power above -40 dBov (10^(-40/10)) is speech. */
+const SPEECH_POWER = 1e-4;
+/** A speaker stays marked this long after the last window of speech. */
+const SPEAKER_HOLD_MS = 1_000;
+
 /** Labels of the media-path badge. */
 const PATH_LABELS = Object.freeze({
   joining: 'joining…',
@@ -323,6 +334,14 @@ class Tile {
     el.textContent = state ? `direct: ${state}` : '';
     if (state) this.el.dataset.conn = state;
     else delete this.el.dataset.conn;
+  }
+
+  /** Marks the tile as a current speaker; the dominant speaker more strongly. */
+  setSpeaking(rank) {
+    const value = rank === 0 ? 'dominant' : rank > 0 ? 'yes' : null;
+    if ((this.el.dataset.speaking ?? null) === value) return;
+    if (value) this.el.dataset.speaking = value;
+    else delete this.el.dataset.speaking;
   }
 
   /** The member's server leg state (from `server_leg`), or null to hide it. */
@@ -810,6 +829,10 @@ class Session {
     this.grid = grid;
     this.localTile = null;
     this.log = []; // { at, event, ... }: mode changes, swaps and reports, for debugging
+    this.speakers = []; // tile ids speaking, dominant first ('local' for us)
+    this.speakersSource = null; // where the list came from: 'server' or 'stats'
+    this.speakerTimer = null;
+    this.localSpeech = new Map(); // tile id → { energy, duration, lastSpeech } for p2p
   }
 
   record(event, detail = {}) {
@@ -907,6 +930,7 @@ class Session {
     this.joined = false;
     clearInterval(this.pingTimer);
     clearTimeout(this.tickTimer);
+    clearInterval(this.speakerTimer);
     this.closeLink();
     this.serverLeg?.close();
     this.serverMedia.clear();
@@ -932,6 +956,7 @@ class Session {
       case 'participant_updated': return this.onParticipantUpdated(msg);
       case 'mode': return this.applyMode(msg);
       case 'server_leg': return this.onServerLeg(msg);
+      case 'active_speakers': return this.onActiveSpeakers(msg);
       case 'offer':
       case 'answer':
       case 'candidate': return this.onSignal(msg);
@@ -958,6 +983,7 @@ class Session {
     this.serverLegState = 'connecting';
     for (const member of msg.members ?? []) this.addMember(member);
     this.pingTimer = setInterval(() => this.send({ type: 'ping' }), PING_INTERVAL_MS);
+    this.speakerTimer = setInterval(() => this.measureSpeakers(), SPEAKER_POLL_MS);
     if (this.audioMuted || this.videoMuted) this.sendMediaState();
     if (msg.mode) this.applyMode(msg.mode);
     this.updatePath();
@@ -1006,6 +1032,60 @@ class Session {
     this.grid.get(id)?.setServerLeg(state);
   }
 
+  // --- active speakers -----------------------------------------------------
+
+  /** The server's list, while media goes through it. */
+  onActiveSpeakers({ speakers }) {
+    if (!Array.isArray(speakers) || this.mode?.mode === 'p2p') return;
+    const ids = speakers
+      .map((s) => (s?.id === this.participantId ? 'local' : s?.id))
+      .filter((id) => typeof id === 'string');
+    this.setSpeakers(ids, 'server');
+  }
+
+  /** In peer-to-peer mode: who speaks, from the direct leg's stats and our own microphone's. */
+  async measureSpeakers() {
+    if (this.mode?.mode !== 'p2p') {
+      this.localSpeech.clear();
+      return;
+    }
+    const pc = this.link?.pc;
+    const report = pc && pc.connectionState === 'connected' ? await pc.getStats().catch(() => null) : null;
+    if (this.mode?.mode !== 'p2p') return;
+    const now = performance.now();
+    const seen = [];
+    for (const s of report?.values() ?? []) {
+      // The peer's audio as received, and our microphone as sent.
+      const id = s.type === 'inbound-rtp' && s.kind === 'audio' ? this.link.peerId
+        : s.type === 'media-source' && s.kind === 'audio' && !this.audioMuted ? 'local' : null;
+      if (!id || typeof s.totalAudioEnergy !== 'number' || typeof s.totalSamplesDuration !== 'number') continue;
+      seen.push(id);
+      const prev = this.localSpeech.get(id);
+      const entry = { energy: s.totalAudioEnergy, duration: s.totalSamplesDuration, lastSpeech: prev?.lastSpeech ?? -Infinity, power: 0 };
+      if (prev && entry.duration > prev.duration) {
+        entry.power = (entry.energy - prev.energy) / (entry.duration - prev.duration);
+        if (entry.power > SPEECH_POWER) entry.lastSpeech = now;
+      }
+      this.localSpeech.set(id, entry);
+    }
+    for (const id of this.localSpeech.keys()) if (!seen.includes(id)) this.localSpeech.delete(id);
+    const speaking = [...this.localSpeech.entries()]
+      .filter(([, e]) => now - e.lastSpeech < SPEAKER_HOLD_MS)
+      .sort(([, a], [, b]) => b.power - a.power)
+      .map(([id]) => id);
+    this.setSpeakers(speaking, 'stats');
+  }
+
+  /** `source`: 'server' (active_speakers) or 'stats' (measured here, peer-to-peer). */
+  setSpeakers(ids, source) {
+    const changed = ids.length !== this.speakers.length || ids.some((id, i) => id !== this.speakers[i]);
+    this.speakersSource = source;
+    if (!changed) return;
+    this.speakers = ids;
+    this.record('speakers', { ids, source });
+    for (const [id, tile] of this.grid.tiles) tile.setSpeaking(ids.indexOf(id));
+  }
+
   onError({ code, message }) {
     this.lastError = { code: String(code ?? 'error'), message: message ?? '', at: performance.now() };
     console.warn('[confab] server error', code, message);
@@ -1026,6 +1106,7 @@ class Session {
     tile.setName(member.name);
     tile.setMuted({ audio: member.audio_muted, video: member.video_muted });
     tile.setServerLeg(member.server_leg ?? 'connecting');
+    tile.setSpeaking(this.speakers.indexOf(member.id));
     this.updateMemberCount();
   }
 
@@ -1436,6 +1517,9 @@ class Session {
       /** Automatic rejoins scheduled in this page's life (kept across sessions). */
       reconnects: [...reconnect.history],
       participantId: this.participantId,
+      /** Tile ids of the current speakers, dominant first ('local' for this page). */
+      speakers: [...this.speakers],
+      speakersSource: this.speakersSource,
       mode: this.mode ? { ...this.mode } : null,
       epoch: this.mode?.epoch ?? null,
       members: [...this.members.values()].map((m) => {

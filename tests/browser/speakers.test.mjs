@@ -1,0 +1,134 @@
+// Active speakers in real browsers. Alice's fake microphone plays a tone,
+// Bob's and Carol's play silence (Chromium's --use-file-for-fake-audio-capture).
+// Peer-to-peer, each page measures speech from its own stats; once Carol
+// joins and media goes through the server, the lists come from the server,
+// which reads the audio levels Chromium puts in its packets (RFC 6464).
+// Every page must mark Alice, and only her, as the speaker; when she mutes,
+// nobody.
+//
+// Run inside a loopback-only network namespace (as root):
+//   unshare -n sh -c 'ip link set lo up && node --test tests/browser/'
+
+import assert from 'node:assert/strict';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { test } from 'node:test';
+import {
+  clientState,
+  joinCall,
+  launchBrowser,
+  pollUntil,
+  randomRoom,
+  screenshot,
+  startServer,
+  waitForBadge,
+} from './harness.mjs';
+
+/** A 2 s mono 16-bit 48 kHz WAV: a 440 Hz tone at `amplitude` (0 = silence). */
+function wav(amplitude) {
+  const rate = 48_000;
+  const samples = rate * 2;
+  const buf = Buffer.alloc(44 + samples * 2);
+  buf.write('RIFF', 0);
+  buf.writeUInt32LE(36 + samples * 2, 4);
+  buf.write('WAVEfmt ', 8);
+  buf.writeUInt32LE(16, 16); // fmt chunk size
+  buf.writeUInt16LE(1, 20); // PCM
+  buf.writeUInt16LE(1, 22); // mono
+  buf.writeUInt32LE(rate, 24);
+  buf.writeUInt32LE(rate * 2, 28); // byte rate
+  buf.writeUInt16LE(2, 32); // block align
+  buf.writeUInt16LE(16, 34); // bits per sample
+  buf.write('data', 36);
+  buf.writeUInt32LE(samples * 2, 40);
+  for (let i = 0; i < samples; i++) {
+    const v = Math.round(amplitude * 32767 * Math.sin((2 * Math.PI * 440 * i) / rate));
+    buf.writeInt16LE(v, 44 + i * 2);
+  }
+  return buf;
+}
+
+/** Tile ids each page marks as speaking (dataset), and its state's list. */
+async function speakersOf(page) {
+  const [state, marked] = await Promise.all([
+    clientState(page),
+    page.evaluate(() => [...document.querySelectorAll('.tile[data-speaking]')]
+      .map((t) => `${t.dataset.id}:${t.dataset.speaking}`)),
+  ]);
+  return { list: state?.speakers ?? null, source: state?.speakersSource ?? null, marked };
+}
+
+test('every page marks the member who talks, peer-to-peer and through the server', { timeout: 90_000 }, async (t) => {
+  const dir = await mkdtemp(path.join(tmpdir(), 'confab-audio-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const tone = path.join(dir, 'tone.wav');
+  const silence = path.join(dir, 'silence.wav');
+  // 0.3 of full scale: about -13.5 dBov RMS, like a close talker.
+  await writeFile(tone, wav(0.3));
+  await writeFile(silence, wav(0));
+
+  const server = await startServer();
+  t.after(() => server.stop());
+  const names = ['alice', 'bob', 'carol'];
+  const browsers = [];
+  t.after(() => Promise.all(browsers.map((b) => b.close())));
+  browsers.push(...(await Promise.all(names.map((name) => launchBrowser(name, {
+    args: [`--use-file-for-fake-audio-capture=${name === 'alice' ? tone : silence}`],
+  })))));
+  const [alice, bob, carol] = browsers;
+  const room = randomRoom('speakers');
+  const urlFor = (name) => `${server.url}/?room=${room}&name=${name}`;
+
+  /**
+   * Waits until every page's list is `expected(page index)`, came from
+   * `source` ('stats' or 'server'), and its tiles are marked to match.
+   */
+  const expectEverywhere = async (pages, source, expected, what, timeoutMs = 10_000) => {
+    const started = Date.now();
+    await pollUntil(async () => {
+      const seen = await Promise.all(pages.map((b) => speakersOf(b.page)));
+      return seen.every((s, i) => {
+        const want = expected(i);
+        const marks = want.map((id, rank) => `${id}:${rank === 0 ? 'dominant' : 'yes'}`);
+        return s.source === source && JSON.stringify(s.list) === JSON.stringify(want)
+          && JSON.stringify([...s.marked].sort()) === JSON.stringify([...marks].sort());
+      }) ? seen : null;
+    }, { timeoutMs, intervalMs: 100, what });
+    return Date.now() - started;
+  };
+
+  try {
+    const aliceState = await joinCall(alice.page, urlFor('alice'));
+    await joinCall(bob.page, urlFor('bob'));
+    await waitForBadge(alice.page, 'peer-to-peer', { timeoutMs: 20_000 });
+    await waitForBadge(bob.page, 'peer-to-peer', { timeoutMs: 20_000 });
+    const aliceId = aliceState.participantId;
+    // Alice's own page marks her local tile; the others mark her tile by id.
+    const aliceAs = (i) => [i === 0 ? 'local' : aliceId];
+
+    const p2pMs = await expectEverywhere([alice, bob], 'stats', aliceAs, 'alice marked as speaking peer-to-peer');
+
+    await joinCall(carol.page, urlFor('carol'));
+    for (const b of browsers) await waitForBadge(b.page, 'via server', { timeoutMs: 30_000 }).catch(async (err) => {
+      throw new Error(`${b.label}: ${err.message} (state ${JSON.stringify(await clientState(b.page))})`);
+    });
+    const sfuMs = await expectEverywhere(browsers, 'server', aliceAs, 'alice marked as speaking through the server', 15_000);
+    const modes = await Promise.all(browsers.map(async (b) => (await clientState(b.page)).mode.mode));
+    assert.deepEqual(modes, ['sfu', 'sfu', 'sfu'], 'the lists were checked with media through the server');
+
+    // Alice mutes: her browser sends silence, and nobody is marked.
+    await alice.page.click('#mic-btn');
+    const mutedMs = await expectEverywhere(browsers, 'server', () => [], 'no speaker after alice muted');
+    console.log(`speakers: alice marked ${p2pMs} ms after p2p was up (local stats), `
+      + `${sfuMs} ms after all showed the server path (server lists); list empty ${mutedMs} ms after she muted`);
+  } catch (err) {
+    for (const b of browsers) console.log(b.logs.join('\n'));
+    console.log(`--- server output ---\n${server.output()}`);
+    throw err;
+  } finally {
+    for (const { label, page } of browsers) {
+      await screenshot(page, `speakers-${label}.png`).catch(() => {});
+    }
+  }
+});
