@@ -123,6 +123,12 @@ struct ServeArgs {
     /// Message burst per socket.
     #[arg(long, env = "CONFAB_RATE_BURST", default_value_t = Limits::default().rate_burst)]
     rate_burst: f64,
+    /// Sustained chat messages per second per member (each reaches the whole room).
+    #[arg(long, env = "CONFAB_CHAT_RATE_PER_SEC", default_value_t = Limits::default().chat_rate_per_sec)]
+    chat_rate_per_sec: f64,
+    /// Chat message burst per member.
+    #[arg(long, env = "CONFAB_CHAT_BURST", default_value_t = Limits::default().chat_burst)]
+    chat_burst: f64,
     /// Members per room.
     #[arg(long, env = "CONFAB_MAX_PARTICIPANTS", default_value_t = Limits::default().max_participants)]
     max_participants: usize,
@@ -297,6 +303,8 @@ impl ServeArgs {
             join_timeout: Duration::from_secs(self.join_timeout_secs),
             rate_per_sec: self.rate_per_sec,
             rate_burst: self.rate_burst,
+            chat_rate_per_sec: self.chat_rate_per_sec,
+            chat_burst: self.chat_burst,
             max_participants: self.max_participants,
             max_connections: self.max_connections,
             max_rooms: self.max_rooms,

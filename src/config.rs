@@ -139,6 +139,11 @@ pub struct Limits {
     pub rate_per_sec: f64,
     /// Burst size of the token bucket.
     pub rate_burst: f64,
+    /// Sustained chat messages per second per member (a message beyond it
+    /// is refused with `rate_limited`; the socket stays open).
+    pub chat_rate_per_sec: f64,
+    /// Burst of chat messages per member.
+    pub chat_burst: f64,
     /// Dropped messages after which a flooding socket is closed (1008).
     pub max_rate_drops: u32,
     /// Members per room. Every member receives every other member, so the
@@ -177,6 +182,8 @@ impl Default for Limits {
             join_timeout: Duration::from_secs(10),
             rate_per_sec: 50.0,
             rate_burst: 100.0,
+            chat_rate_per_sec: 2.0,
+            chat_burst: 10.0,
             max_rate_drops: 200,
             max_participants: 16,
             outbound_queue: 256,
@@ -285,6 +292,9 @@ impl Config {
         }
         if !(self.limits.rate_per_sec > 0.0 && self.limits.rate_burst >= 1.0) {
             return Err("--rate-per-sec must be > 0 and --rate-burst >= 1".into());
+        }
+        if !(self.limits.chat_rate_per_sec > 0.0 && self.limits.chat_burst >= 1.0) {
+            return Err("--chat-rate-per-sec must be > 0 and --chat-burst >= 1".into());
         }
         let l = &self.limits;
         if !(l.join_rate_per_ip >= 0.0 && l.join_rate_per_ip.is_finite()) {

@@ -113,6 +113,15 @@ pub enum Command {
         /// The number removed.
         reply: oneshot::Sender<usize>,
     },
+    /// A chat message from `from`, for the room or for `to`.
+    Chat {
+        /// The sender.
+        from: String,
+        /// One recipient; `None` for everyone else.
+        to: Option<String>,
+        /// The text (checked by the protocol layer).
+        text: String,
+    },
     /// A member's mute state.
     MediaState {
         /// Who.

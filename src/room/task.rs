@@ -196,6 +196,7 @@ impl Room {
                 kick: None,
             }),
             Command::Relay { from, to, message } => self.relay(&from, &to, message),
+            Command::Chat { from, to, text } => self.chat(&from, to.as_deref(), text),
             Command::MediaState {
                 id,
                 audio_muted,
@@ -354,6 +355,38 @@ impl Room {
                 ErrorCode::NotAMember,
                 format!("no other participant `{shown}` in this room"),
             );
+        }
+    }
+
+    /// Delivers a chat message to the room (all but the sender) or to one
+    /// member.
+    fn chat(&mut self, from: &str, to: Option<&str>, text: String) {
+        let Some(sender) = self.members.iter().find(|m| m.id == from) else {
+            return; // the sender was removed meanwhile
+        };
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let message = ServerMessage::Chat {
+            from: from.to_owned(),
+            name: sender.name.clone(),
+            text,
+            private: to.is_some(),
+            at,
+        };
+        match to {
+            None => self.broadcast(&message, Some(from)),
+            Some(to) if to != from && self.members.iter().any(|m| m.id == to) => {
+                self.send_to(to, &message);
+            }
+            Some(to) => {
+                let shown: String = to.chars().take(64).collect();
+                self.refuse(
+                    from,
+                    ErrorCode::NotAMember,
+                    format!("no other participant `{shown}` in this room"),
+                );
+            }
         }
     }
 

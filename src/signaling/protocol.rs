@@ -98,6 +98,14 @@ pub enum ClientMessage {
         /// Milliseconds, 0 to [`MAX_SWITCH_GAP_MS`].
         gap_ms: f64,
     },
+    /// A chat message for the room, or for one member (`to`).
+    Chat {
+        /// The text: 1 to [`MAX_CHAT_CHARS`] characters, not only spaces.
+        text: String,
+        /// One member's participant id; `None` for everyone.
+        #[serde(default)]
+        to: Option<String>,
+    },
     /// Application-level keep-alive.
     Ping {
         /// Echoed in the `pong`.
@@ -120,6 +128,7 @@ impl ClientMessage {
             ClientMessage::MediaReady { .. } => "media_ready",
             ClientMessage::P2pFailed => "p2p_failed",
             ClientMessage::SwitchReport { .. } => "switch_report",
+            ClientMessage::Chat { .. } => "chat",
             ClientMessage::Ping { .. } => "ping",
             ClientMessage::Leave => "leave",
         }
@@ -139,9 +148,13 @@ pub const CLIENT_MESSAGE_TYPES: &[&str] = &[
     "media_ready",
     "p2p_failed",
     "switch_report",
+    "chat",
     "ping",
     "leave",
 ];
+
+/// The longest chat text, in characters.
+pub const MAX_CHAT_CHARS: usize = 2_000;
 
 /// A member of a room as other members see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -299,6 +312,19 @@ pub enum ServerMessage {
     ActiveSpeakers {
         /// The speakers; empty when nobody speaks.
         speakers: Vec<SpeakerInfo>,
+    },
+    /// A chat message from another member.
+    Chat {
+        /// Sender's participant id.
+        from: String,
+        /// Sender's display name at the time.
+        name: String,
+        /// The text.
+        text: String,
+        /// Sent to the recipient alone (`to`), not to the room.
+        private: bool,
+        /// When the server relayed it, milliseconds since the Unix epoch.
+        at: u64,
     },
     /// A relayed SDP offer.
     Offer {
@@ -517,6 +543,16 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ParseError> {
             return Err(ParseError {
                 code: ErrorCode::BadMessage,
                 detail: format!("`switch_report.gap_ms` must be 0 to {MAX_SWITCH_GAP_MS}"),
+            });
+        }
+    }
+    if let ClientMessage::Chat { text, .. } = &message {
+        if text.trim().is_empty() || text.chars().count() > MAX_CHAT_CHARS {
+            return Err(ParseError {
+                code: ErrorCode::BadMessage,
+                detail: format!(
+                    "`chat.text` must have 1 to {MAX_CHAT_CHARS} characters, not only spaces"
+                ),
             });
         }
     }

@@ -88,6 +88,7 @@ pub async fn run(socket: WebSocket, ctx: SignalContext, client: IpAddr) {
         joined: None,
         new_kick: None,
         bucket: TokenBucket::new(limits.rate_per_sec, limits.rate_burst),
+        chat_bucket: TokenBucket::new(limits.chat_rate_per_sec, limits.chat_burst),
         drops: 0,
         last_rate_error: None,
     };
@@ -117,6 +118,9 @@ struct Session {
     /// The kick receiver of a fresh join, picked up by the read loop.
     new_kick: Option<oneshot::Receiver<crate::room::Kick>>,
     bucket: TokenBucket,
+    /// Chat messages have their own, lower rate: each one reaches every
+    /// member of the room.
+    chat_bucket: TokenBucket,
     drops: u32,
     last_rate_error: Option<Instant>,
 }
@@ -289,6 +293,17 @@ impl Session {
                 from,
                 to,
             },
+            ClientMessage::Chat { text, to } => {
+                if !self.chat_bucket.try_take() {
+                    self.count_error(ErrorCode::RateLimited);
+                    self.send(&ServerMessage::error(
+                        ErrorCode::RateLimited,
+                        "chat rate exceeded; message not delivered",
+                    ));
+                    return Flow::Continue;
+                }
+                Command::Chat { from, to, text }
+            }
             ClientMessage::MediaReady { epoch } => Command::MediaReady { id: from, epoch },
             ClientMessage::P2pFailed => Command::P2pFailed { id: from },
             ClientMessage::MediaState {

@@ -463,7 +463,7 @@ fn gen_sdp(rng: &mut StdRng) -> serde_json::Value {
 /// A client message of every type, with valid fields or a field of
 /// another type, missing or extra.
 fn gen_signaling(rng: &mut StdRng) -> Vec<u8> {
-    let mut m = match rng.random_range(0..11u32) {
+    let mut m = match rng.random_range(0..12u32) {
         0 => json!({"type": "join", "v": 2, "room": gen_string(rng), "name": gen_string(rng),
                     "token": gen_string(rng)}),
         1 => json!({"type": "offer", "to": "p-2", "sdp": gen_sdp(rng)}),
@@ -480,6 +480,15 @@ fn gen_signaling(rng: &mut StdRng) -> Vec<u8> {
             let to = ["sfu", "p2p", "to_sfu", "x"][rng.random_range(0..4usize)];
             let gap = [0.0, 180.5, -1.0, 60_000.0, 60_000.5, 1e300][rng.random_range(0..6usize)];
             json!({"type": "switch_report", "epoch": rng.random::<u64>(), "to": to, "gap_ms": gap})
+        }
+        10 => {
+            // Around the length limit, blank, or any string.
+            let text = match rng.random_range(0..4u32) {
+                0 => json!("é".repeat(rng.random_range(1_995..2_005))),
+                1 => json!(" \n\t".repeat(rng.random_range(0..5))),
+                _ => gen_string(rng),
+            };
+            json!({"type": "chat", "text": text, "to": gen_value(rng)})
         }
         _ => json!({"type": gen_string(rng)}),
     };

@@ -908,3 +908,112 @@ async fn a_flooder_is_closed_while_others_keep_a_low_round_trip_time() {
             >= 1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_reaches_the_room_or_one_member_and_nobody_else() {
+    let server = start_server().await;
+    let room = room_name("chat");
+    let (mut a, ja) = join(server.addr, &room, "Ada").await;
+    let (mut b, jb) = join(server.addr, &room, "Bob").await;
+    let (mut c, _) = join(server.addr, &room, "Cy").await;
+    let (mut stranger, _) = join(server.addr, &room_name("chat-other"), "S").await;
+    let a_id = ja["participant_id"].as_str().unwrap().to_owned();
+    let b_id = jb["participant_id"].as_str().unwrap().to_owned();
+    a.recv_type("participant_joined").await;
+    a.recv_type("participant_joined").await;
+    b.recv_type("participant_joined").await;
+
+    // To the room: everyone else, with the sender's id and name; not echoed.
+    let text = "héllo <b>world</b>\nsecond line";
+    a.send_json(json!({"type": "chat", "text": text})).await;
+    for rx in [&mut b, &mut c] {
+        let m = rx.recv_type("chat").await;
+        assert_eq!(m["from"], a_id.as_str());
+        assert_eq!(m["name"], "Ada");
+        assert_eq!(m["text"], text, "the text arrives unchanged");
+        assert_eq!(m["private"], false);
+        let at = m["at"].as_u64().expect("a timestamp");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert!(at <= now && now - at < 10_000, "at {at}, now {now}");
+    }
+    // To one member: only that one, marked private.
+    a.send_json(json!({"type": "chat", "text": "just you", "to": b_id}))
+        .await;
+    let m = b.recv_type("chat").await;
+    assert_eq!(
+        (m["text"].as_str(), m["private"].as_bool()),
+        (Some("just you"), Some(true))
+    );
+    // No chat reached c, a or the other room before the answer to a ping
+    // (other news, such as mode changes, may).
+    for rx in [&mut c, &mut a, &mut stranger] {
+        rx.send_json(json!({"type": "ping", "id": "x"})).await;
+        loop {
+            let next = rx.recv_json().await;
+            assert_ne!(next["type"], "chat", "unexpected: {next}");
+            if next["type"] == "pong" {
+                break;
+            }
+        }
+    }
+
+    // Bad chats: errors to the sender, the socket stays open.
+    for bad in [
+        json!({"type": "chat", "text": ""}),
+        json!({"type": "chat", "text": "  \n\t "}),
+        json!({"type": "chat", "text": "x".repeat(2_001)}),
+        json!({"type": "chat"}),
+        json!({"type": "chat", "text": 5}),
+    ] {
+        a.send_json(bad).await;
+        a.expect_error("bad_message", None).await;
+    }
+    // 2,000 characters (multi-byte) are fine.
+    a.send_json(json!({"type": "chat", "text": "é".repeat(2_000)}))
+        .await;
+    assert_eq!(
+        b.recv_type("chat").await["text"]
+            .as_str()
+            .unwrap()
+            .chars()
+            .count(),
+        2_000
+    );
+    // To oneself, to a member of another room, to nobody known.
+    for to in [a_id.as_str(), "p-ffffffff", "sfu"] {
+        a.send_json(json!({"type": "chat", "text": "hi", "to": to}))
+            .await;
+        a.expect_error("not_a_member", None).await;
+    }
+
+    // The chat rate: a burst of 10, then refusals (the socket stays open),
+    // and delivery again once the bucket refills (2/s).
+    let (mut d, _) = join(server.addr, &room, "Dee").await;
+    for rx in [&mut a, &mut b, &mut c] {
+        rx.recv_type("participant_joined").await;
+    }
+    for i in 0..15 {
+        d.send_json(json!({"type": "chat", "text": format!("m{i}")}))
+            .await;
+    }
+    let mut refused = 0;
+    for _ in 0..5 {
+        let e = d.recv_type("error").await;
+        assert_eq!(e["code"], "rate_limited");
+        refused += 1;
+    }
+    let mut delivered = Vec::new();
+    while let Some(m) = b.try_recv_json(Duration::from_millis(300)).await {
+        if m["type"] == "chat" {
+            delivered.push(m["text"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(delivered.len(), 10, "{delivered:?}");
+    assert_eq!(refused, 5);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    d.send_json(json!({"type": "chat", "text": "later"})).await;
+    assert_eq!(b.recv_type("chat").await["text"], "later");
+}

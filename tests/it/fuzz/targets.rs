@@ -223,6 +223,11 @@ pub fn signaling(data: &[u8]) {
                     assert!((0.0..=protocol::MAX_SWITCH_GAP_MS).contains(gap_ms));
                     "switch_report"
                 }
+                ClientMessage::Chat { text, .. } => {
+                    assert!(!text.trim().is_empty(), "blank chat accepted");
+                    assert!(text.chars().count() <= protocol::MAX_CHAT_CHARS);
+                    "chat"
+                }
                 ClientMessage::Ping { .. } => "ping",
                 ClientMessage::Leave => "leave",
             };
