@@ -847,6 +847,7 @@ class Session {
     $('room-name').textContent = this.room;
     document.title = `${this.room} · Confab`;
     this.grid.clear();
+    chat.reset();
     this.localTile = this.grid.add(new Tile({ id: 'local', name: this.name, local: true }));
     this.updatePath();
     this.updateControls();
@@ -957,6 +958,7 @@ class Session {
       case 'mode': return this.applyMode(msg);
       case 'server_leg': return this.onServerLeg(msg);
       case 'active_speakers': return this.onActiveSpeakers(msg);
+      case 'chat': return this.onChat(msg);
       case 'offer':
       case 'answer':
       case 'candidate': return this.onSignal(msg);
@@ -1000,6 +1002,7 @@ class Session {
   onParticipantLeft({ id }) {
     const member = this.members.get(id);
     this.members.delete(id);
+    this.refreshChatMembers();
     this.serverMedia.delete(id);
     for (const path of PATHS) this.decodingSince.delete(`${id}/${path}`);
     if (this.link?.peerId === id) this.closeLink();
@@ -1030,6 +1033,42 @@ class Session {
     if (!member) return;
     member.server_leg = state;
     this.grid.get(id)?.setServerLeg(state);
+  }
+
+  // --- chat ----------------------------------------------------------------
+
+  onChat({ from, name, text, private: isPrivate, at }) {
+    if (typeof text !== 'string' || typeof from !== 'string') return;
+    chat.add({
+      from,
+      name: typeof name === 'string' ? name : (this.members.get(from)?.name ?? from),
+      text,
+      private: Boolean(isPrivate),
+      mine: false,
+      at: typeof at === 'number' ? at : Date.now(),
+    });
+  }
+
+  /** Sends a chat message to the room, or to member `to`. False if it cannot be sent. */
+  sendChat(text, to) {
+    const body = text.trim();
+    if (!this.joined || !body || [...body].length > CHAT_MAX_CHARS) return false;
+    if (to && !this.members.has(to)) return false;
+    this.send(to ? { type: 'chat', text: body, to } : { type: 'chat', text: body });
+    chat.add({
+      from: this.participantId,
+      name: this.name,
+      text: body,
+      private: Boolean(to),
+      toName: to ? this.members.get(to).name : null,
+      mine: true,
+      at: Date.now(),
+    });
+    return true;
+  }
+
+  refreshChatMembers() {
+    chat.setMembers([...this.members.values()]);
   }
 
   // --- active speakers -----------------------------------------------------
@@ -1102,6 +1141,7 @@ class Session {
       server_leg: previous?.server_leg ?? null,
     };
     this.members.set(member.id, member);
+    this.refreshChatMembers();
     const tile = this.grid.get(member.id) ?? this.grid.add(new Tile({ id: member.id, name: member.name }));
     tile.setName(member.name);
     tile.setMuted({ audio: member.audio_muted, video: member.video_muted });
@@ -1520,6 +1560,8 @@ class Session {
       /** Tile ids of the current speakers, dominant first ('local' for this page). */
       speakers: [...this.speakers],
       speakersSource: this.speakersSource,
+      /** The chat panel's messages, oldest first. */
+      chat: chat.entries.map((e) => ({ ...e })),
       mode: this.mode ? { ...this.mode } : null,
       epoch: this.mode?.epoch ?? null,
       members: [...this.members.values()].map((m) => {
@@ -1566,9 +1608,99 @@ function setToggle(button, pressed, enabled, icon) {
 }
 
 // ---------------------------------------------------------------------------
+// Chat
+
+/** Most messages kept in the panel. */
+const CHAT_MAX_ENTRIES = 500;
+/** The server's limit on a message's length (docs/protocol.md). */
+const CHAT_MAX_CHARS = 2000;
+
+/** The chat panel: messages of this session, a recipient choice and an unread count. */
+class ChatPanel {
+  constructor() {
+    this.entries = []; // { from, name, text, private, mine, at }
+    this.unread = 0;
+    this.el = $('chat');
+    this.log = $('chat-log');
+    this.to = $('chat-to');
+    this.text = $('chat-text');
+  }
+
+  get open() {
+    return !this.el.hidden;
+  }
+
+  toggle(open = !this.open) {
+    this.el.hidden = !open;
+    $('chat-btn').setAttribute('aria-expanded', String(open));
+    if (open) {
+      this.unread = 0;
+      this.text.focus();
+    }
+    this.showUnread();
+  }
+
+  /** A new session: no history (the server keeps none). */
+  reset() {
+    this.entries = [];
+    this.unread = 0;
+    this.log.replaceChildren();
+    this.setMembers([]);
+    this.showUnread();
+  }
+
+  /** The recipients offered: everyone, or one member. */
+  setMembers(members) {
+    const chosen = this.to.value;
+    const options = [new Option('Everyone', '')];
+    for (const m of members) options.push(new Option(`${m.name} (private)`, m.id));
+    this.to.replaceChildren(...options);
+    this.to.value = members.some((m) => m.id === chosen) ? chosen : '';
+  }
+
+  add(entry) {
+    this.entries.push(entry);
+    if (this.entries.length > CHAT_MAX_ENTRIES) this.entries.shift();
+    const li = document.createElement('li');
+    li.dataset.private = String(entry.private);
+    li.dataset.mine = String(entry.mine);
+    const who = document.createElement('span');
+    who.className = 'who';
+    who.textContent = entry.mine
+      ? (entry.private ? `You → ${entry.toName}` : 'You')
+      : (entry.private ? `${entry.name} (to you)` : entry.name);
+    const when = document.createElement('time');
+    when.className = 'when';
+    const date = new Date(entry.at);
+    when.dateTime = date.toISOString();
+    when.textContent = date.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+    const text = document.createElement('div');
+    text.textContent = entry.text; // text, never markup
+    li.append(who, when, text);
+    this.log.append(li);
+    while (this.log.children.length > CHAT_MAX_ENTRIES) this.log.firstElementChild.remove();
+    this.log.scrollTop = this.log.scrollHeight;
+    if (!entry.mine && !this.open) {
+      this.unread += 1;
+      this.showUnread();
+      announce(`Message from ${entry.name}`);
+    }
+  }
+
+  showUnread() {
+    const badge = $('chat-unread');
+    badge.hidden = this.unread === 0;
+    badge.textContent = this.unread > 99 ? '99+' : String(this.unread);
+    $('chat-btn').setAttribute('aria-label', this.unread ? `Chat, ${this.unread} unread` : 'Chat');
+  }
+}
+
+// ---------------------------------------------------------------------------
 // App wiring
 
 const grid = new TileGrid($('grid'));
+const chat = new ChatPanel();
+
 let session = null;
 
 /** Errors after which the client rejoins by itself (see onSocketClosed). */
@@ -1623,6 +1755,18 @@ $('join-form').addEventListener('submit', (e) => {
 });
 
 $('mic-btn').addEventListener('click', () => session?.toggleMicrophone());
+$('chat-btn').addEventListener('click', () => chat.toggle());
+$('chat-close').addEventListener('click', () => chat.toggle(false));
+$('chat-form').addEventListener('submit', (e) => {
+  e.preventDefault();
+  if (session?.sendChat(chat.text.value, chat.to.value || null)) chat.text.value = '';
+});
+$('chat-text').addEventListener('keydown', (e) => {
+  if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    $('chat-form').requestSubmit();
+  }
+});
 $('cam-btn').addEventListener('click', () => session?.toggleCamera());
 $('leave-btn').addEventListener('click', () => session?.leave());
 $('rejoin-btn').addEventListener('click', () => {
