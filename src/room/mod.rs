@@ -130,6 +130,8 @@ pub enum Command {
         audio_muted: bool,
         /// Camera off.
         video_muted: bool,
+        /// Sharing the screen.
+        screen: bool,
     },
 }
 
@@ -159,6 +161,8 @@ pub struct ParticipantView {
     pub audio_muted: bool,
     /// Camera off.
     pub video_muted: bool,
+    /// Sharing the screen.
+    pub screen: bool,
     /// Its server leg's state, once the SFU reported one.
     pub server_leg: Option<LegState>,
     /// Token grants.

@@ -28,6 +28,8 @@ struct Member {
     identity: Option<String>,
     audio_muted: bool,
     video_muted: bool,
+    /// Shares its screen in place of its camera.
+    screen: bool,
     outbox: mpsc::Sender<Outgoing>,
     kick: Option<oneshot::Sender<Kick>>,
     /// Its server leg's state, as the SFU last reported it.
@@ -48,6 +50,7 @@ impl Member {
             name: self.name.clone(),
             audio_muted: self.audio_muted,
             video_muted: self.video_muted,
+            screen: self.screen,
         }
     }
 }
@@ -201,14 +204,17 @@ impl Room {
                 id,
                 audio_muted,
                 video_muted,
+                screen,
             } => {
                 if let Some(m) = self.members.iter_mut().find(|m| m.id == id) {
                     m.audio_muted = audio_muted;
                     m.video_muted = video_muted;
+                    m.screen = screen;
                     let msg = ServerMessage::ParticipantUpdated {
                         id: id.clone(),
                         audio_muted,
                         video_muted,
+                        screen,
                     };
                     self.broadcast(&msg, Some(&id));
                 }
@@ -235,6 +241,7 @@ impl Room {
                             identity: m.identity.clone(),
                             audio_muted: m.audio_muted,
                             video_muted: m.video_muted,
+                            screen: m.screen,
                             server_leg: m.leg,
                             grants: m.grants,
                         })
@@ -288,6 +295,7 @@ impl Room {
             identity: p.identity,
             audio_muted: false,
             video_muted: false,
+            screen: false,
             outbox: p.outbox,
             kick: Some(p.kick),
             leg: None,

@@ -79,6 +79,9 @@ pub enum ClientMessage {
         audio_muted: bool,
         /// Camera off.
         video_muted: bool,
+        /// Sharing the screen (in place of the camera). Optional.
+        #[serde(default)]
+        screen: bool,
     },
     /// The path the current switch moves to decodes at this client.
     MediaReady {
@@ -167,6 +170,9 @@ pub struct MemberInfo {
     pub audio_muted: bool,
     /// Camera off.
     pub video_muted: bool,
+    /// Sharing the screen: the video shows a screen, not a camera.
+    #[serde(default)]
+    pub screen: bool,
 }
 
 /// An `RTCIceServer` entry handed to clients.
@@ -297,6 +303,8 @@ pub enum ServerMessage {
         audio_muted: bool,
         /// Camera off.
         video_muted: bool,
+        /// Sharing the screen.
+        screen: bool,
     },
     /// The room's media mode changed.
     Mode(ModeInfo),

@@ -309,10 +309,12 @@ impl Session {
             ClientMessage::MediaState {
                 audio_muted,
                 video_muted,
+                screen,
             } => Command::MediaState {
                 id: from,
                 audio_muted,
                 video_muted,
+                screen,
             },
         };
         if room.send(command).await {

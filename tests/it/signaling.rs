@@ -89,7 +89,7 @@ async fn join_pair_relay_and_leave() {
     let upd = b.recv_json().await;
     assert_eq!(
         upd,
-        json!({"type": "participant_updated", "id": a_id, "audio_muted": true, "video_muted": false})
+        json!({"type": "participant_updated", "id": a_id, "audio_muted": true, "video_muted": false, "screen": false})
     );
 
     // Leave: closed with 1000, the other is told, the mode drops the pair.
@@ -1016,4 +1016,35 @@ async fn chat_reaches_the_room_or_one_member_and_nobody_else() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     d.send_json(json!({"type": "chat", "text": "later"})).await;
     assert_eq!(b.recv_type("chat").await["text"], "later");
+}
+
+#[tokio::test]
+async fn screen_sharing_reaches_members_and_newcomers() {
+    let server = start_server().await;
+    let room = room_name("screen");
+    let (mut a, ja) = join(server.addr, &room, "Ada").await;
+    let a_id = ja["participant_id"].as_str().unwrap().to_owned();
+    // `screen` is optional: absent means false.
+    a.send_json(
+        json!({"type": "media_state", "audio_muted": false, "video_muted": true, "screen": true}),
+    )
+    .await;
+    // A newcomer learns it from `joined`...
+    let (mut b, jb) = join(server.addr, &room, "Bob").await;
+    assert_eq!(
+        jb["members"],
+        json!([{"id": a_id, "name": "Ada", "audio_muted": false, "video_muted": true, "screen": true}])
+    );
+    // ...the others from `participant_joined`, with the newcomer's state.
+    let joined = a.recv_type("participant_joined").await;
+    assert_eq!(joined["participant"]["screen"], false);
+    // Stopping is announced too.
+    a.send_json(json!({"type": "media_state", "audio_muted": false, "video_muted": true}))
+        .await;
+    let upd = b.recv_type("participant_updated").await;
+    assert_eq!(
+        upd,
+        json!({"type": "participant_updated", "id": a_id, "audio_muted": false, "video_muted": true, "screen": false})
+    );
+    server.shutdown().await;
 }
