@@ -35,6 +35,9 @@ const SWAP_FRAME_GRACE_MS = 1_000;
 
 const PATHS = Object.freeze(['direct', 'server']);
 
+/** Frame rate asked of a screen capture: enough for slides and scrolling, cheap to send. */
+const SCREEN_FPS = 15;
+
 /**
  * Speaker indication in peer-to-peer mode, where the server sees no media:
  * the browser measures it from getStats, with the server's thresholds (see
@@ -336,6 +339,11 @@ class Tile {
     else delete this.el.dataset.conn;
   }
 
+  /** The video shows a screen: shown whole (not cropped) and never mirrored. */
+  setScreen(on) {
+    this.el.dataset.screen = String(Boolean(on));
+  }
+
   /** Marks the tile as a current speaker; the dominant speaker more strongly. */
   setSpeaking(rank) {
     const value = rank === 0 ? 'dominant' : rank > 0 ? 'yes' : null;
@@ -465,8 +473,10 @@ class PeerLink {
     pc.addEventListener('iceconnectionstatechange', () => this.onIceStateChange());
 
     const kinds = new Set();
+    this.videoSender = null;
     for (const track of localStream?.getTracks() ?? []) {
-      pc.addTrack(track, localStream);
+      const sender = pc.addTrack(track, localStream);
+      if (track.kind === 'video') this.videoSender = sender;
       kinds.add(track.kind);
     }
     // The impolite side's offer always carries audio and video, so the other
@@ -531,6 +541,12 @@ class PeerLink {
       this.settingRemoteAnswer = false;
       this.log(`applying the remote ${description.type} failed`, err);
     }
+  }
+
+  /** Sends `track` (the screen, or the camera again) on the video sender; no renegotiation. */
+  setVideoTrack(track) {
+    if (this.closed || !this.videoSender || this.videoSender.track === track) return;
+    this.videoSender.replaceTrack(track).catch((err) => this.log('replaceTrack failed', err));
   }
 
   /** A `candidate` from the peer (protocol form). */
@@ -636,6 +652,7 @@ class ServerLeg {
    */
   constructor({ iceServers, localStream, signal, onTrack, onStateChange }) {
     this.localStream = localStream;
+    this.videoOverride = null; // the screen while it is shared
     this.signal = signal;
     this.onTrackCallback = onTrack;
     this.closed = false;
@@ -723,11 +740,20 @@ class ServerLeg {
     }
   }
 
+  /** Sends `track` instead of the camera (null: the camera again). */
+  setVideoOverride(track) {
+    this.videoOverride = track;
+    if (this.bound) {
+      this.chain = this.chain.then(() => this.applySending()).catch((err) => this.log('replaceTrack failed', err));
+    }
+  }
+
   async applySending() {
     for (const kind of ['audio', 'video']) {
       const sender = this.senders[kind];
       if (!sender || this.closed) continue;
-      const track = this.sending ? (this.localStream?.getTracks().find((t) => t.kind === kind) ?? null) : null;
+      const own = (kind === 'video' && this.videoOverride) || this.localStream?.getTracks().find((t) => t.kind === kind);
+      const track = this.sending ? (own ?? null) : null;
       if (sender.track !== track) await sender.replaceTrack(track);
     }
   }
@@ -815,6 +841,7 @@ class Session {
     this.localStream = null;
     this.audioMuted = false;
     this.videoMuted = false;
+    this.screenTrack = null; // the shared screen, sent in place of the camera
     this.pingTimer = null;
     this.tickTimer = null;
     this.ticking = false;
@@ -936,6 +963,8 @@ class Session {
     this.serverLeg?.close();
     this.serverMedia.clear();
     this.localStream?.getTracks().forEach((t) => t.stop());
+    this.screenTrack?.stop();
+    this.screenTrack = null;
     this.grid.clear();
     this.updatePath();
   }
@@ -1017,7 +1046,10 @@ class Session {
     if (!member) return;
     if (typeof msg.audio_muted === 'boolean') member.audio_muted = msg.audio_muted;
     if (typeof msg.video_muted === 'boolean') member.video_muted = msg.video_muted;
-    this.grid.get(msg.id)?.setMuted({ audio: member.audio_muted, video: member.video_muted });
+    member.screen = Boolean(msg.screen);
+    const tile = this.grid.get(msg.id);
+    tile?.setMuted({ audio: member.audio_muted, video: member.video_muted && !member.screen });
+    tile?.setScreen(member.screen);
     this.kick();
   }
 
@@ -1138,13 +1170,15 @@ class Session {
       name: raw.name ?? raw.id,
       audio_muted: Boolean(raw.audio_muted),
       video_muted: Boolean(raw.video_muted),
+      screen: Boolean(raw.screen),
       server_leg: previous?.server_leg ?? null,
     };
     this.members.set(member.id, member);
     this.refreshChatMembers();
     const tile = this.grid.get(member.id) ?? this.grid.add(new Tile({ id: member.id, name: member.name }));
     tile.setName(member.name);
-    tile.setMuted({ audio: member.audio_muted, video: member.video_muted });
+    tile.setMuted({ audio: member.audio_muted, video: member.video_muted && !member.screen });
+    tile.setScreen(member.screen);
     tile.setServerLeg(member.server_leg ?? 'connecting');
     tile.setSpeaking(this.speakers.indexOf(member.id));
     this.updateMemberCount();
@@ -1209,6 +1243,7 @@ class Session {
       onFailed: () => this.reportP2pFailed(link),
     });
     this.link = link;
+    if (this.screenTrack) link.setVideoTrack(this.screenTrack);
     this.record('direct_leg', { peer, polite });
     // Replay anything the peer sent before we knew it was our peer.
     const pending = this.pendingSignals;
@@ -1480,9 +1515,63 @@ class Session {
     this.sendMediaState();
   }
 
+  /** Shares the screen in place of the camera, or stops sharing. */
+  async toggleScreen() {
+    if (this.screenTrack) return this.stopScreen();
+    if (!this.canShareScreen()) return undefined;
+    let stream;
+    try {
+      stream = await navigator.mediaDevices.getDisplayMedia({ video: { frameRate: { max: SCREEN_FPS } }, audio: false });
+    } catch (err) {
+      if (err?.name !== 'NotAllowedError') banner.show('screen_unavailable', `Screen sharing failed (${err?.name ?? 'error'}).`);
+      return undefined;
+    }
+    const track = stream.getVideoTracks()[0];
+    if (!track || this.ended) {
+      stream.getTracks().forEach((t) => t.stop());
+      return undefined;
+    }
+    track.contentHint = 'detail'; // keep text sharp rather than motion smooth
+    track.addEventListener('ended', () => { if (this.screenTrack === track) this.stopScreen(); });
+    this.screenTrack = track;
+    this.applyVideoSource();
+    return undefined;
+  }
+
+  stopScreen() {
+    if (!this.screenTrack) return;
+    this.screenTrack.stop();
+    this.screenTrack = null;
+    this.applyVideoSource();
+  }
+
+  /** Screen sharing replaces the camera's track, so it needs one (and a browser that can capture). */
+  canShareScreen() {
+    return Boolean(navigator.mediaDevices?.getDisplayMedia && this.localStream?.getVideoTracks().length);
+  }
+
+  /** Puts the screen (or the camera) on every video sender and in our own tile, and tells the room. */
+  applyVideoSource() {
+    const screen = this.screenTrack;
+    this.link?.setVideoTrack(screen ?? this.localStream?.getVideoTracks()[0] ?? null);
+    this.serverLeg?.setVideoOverride(screen);
+    if (this.localStream?.getVideoTracks().length) {
+      this.localTile.setPathStream('direct', screen ? new MediaStream([screen]) : this.localStream);
+      this.localTile.show('direct');
+    }
+    this.localTile.setScreen(Boolean(screen));
+    this.updateControls();
+    this.sendMediaState();
+  }
+
   sendMediaState() {
     if (!this.joined) return;
-    this.send({ type: 'media_state', audio_muted: this.audioMuted, video_muted: this.videoMuted });
+    this.send({
+      type: 'media_state',
+      audio_muted: this.audioMuted,
+      video_muted: this.videoMuted,
+      screen: Boolean(this.screenTrack),
+    });
   }
 
   // --- rendering -----------------------------------------------------------
@@ -1492,7 +1581,12 @@ class Session {
     const hasVideo = Boolean(this.localStream?.getVideoTracks().length);
     setToggle($('mic-btn'), this.audioMuted, hasAudio, this.audioMuted ? '#icon-mic-off' : '#icon-mic');
     setToggle($('cam-btn'), this.videoMuted, hasVideo, this.videoMuted ? '#icon-cam-off' : '#icon-cam');
-    this.localTile?.setMuted({ audio: this.audioMuted, video: this.videoMuted });
+    this.localTile?.setMuted({ audio: this.audioMuted, video: this.videoMuted && !this.screenTrack });
+    const screenBtn = $('screen-btn');
+    screenBtn.disabled = !this.screenTrack && !this.canShareScreen();
+    screenBtn.setAttribute('aria-pressed', String(Boolean(this.screenTrack)));
+    screenBtn.setAttribute('aria-label', this.screenTrack ? 'Stop sharing the screen' : 'Share the screen');
+    screenBtn.querySelector('.control-text').textContent = this.screenTrack ? 'Stop sharing' : 'Share screen';
   }
 
   updateMemberCount() {
@@ -1755,6 +1849,7 @@ $('join-form').addEventListener('submit', (e) => {
 });
 
 $('mic-btn').addEventListener('click', () => session?.toggleMicrophone());
+$('screen-btn').addEventListener('click', () => session?.toggleScreen());
 $('chat-btn').addEventListener('click', () => chat.toggle());
 $('chat-close').addEventListener('click', () => chat.toggle(false));
 $('chat-form').addEventListener('submit', (e) => {
