@@ -157,20 +157,13 @@ impl TurnServer {
             .local_addr()
             .map_err(|e| format!("TURN socket address: {e}"))?;
         let realm = settings.realm.clone();
-        let shared = Arc::new(Shared {
-            settings,
-            metrics,
-            allocations: Mutex::new(Quota::default()),
-            pending_user: Mutex::new(None),
-        });
+        let check = GateCheck::new(settings, metrics);
+        let shared = Arc::clone(&check.shared);
         let auth = Arc::new(SecretAuth {
             secret: shared.settings.secret.clone(),
             realm: shared.settings.realm.clone(),
         });
-        let gate = Arc::new(Gate {
-            socket,
-            shared: Arc::clone(&shared),
-        });
+        let gate = Arc::new(Gate { socket, check });
         let server = turn::server::Server::new(turn::server::config::ServerConfig {
             conn_configs: vec![turn::server::config::ConnConfig {
                 conn: gate,
@@ -224,24 +217,45 @@ impl turn::auth::AuthHandler for SecretAuth {
 }
 
 /// What the gate does with one datagram.
-#[derive(Debug)]
-enum Verdict {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
     /// Hand it to the crate.
     Pass,
-    /// Answer it ourselves.
+    /// Answer it ourselves with these bytes (a STUN error response).
     Reply(Vec<u8>),
-    /// Ignore it.
+    /// Ignore it; the reason labels `confab_turn_dropped_datagrams_total`.
     Drop(&'static str),
 }
 
 /// The listening socket as the crate sees it.
 struct Gate {
     socket: UdpSocket,
+    check: GateCheck,
+}
+
+/// The gate's judgement of one datagram, without a socket: what the
+/// listening socket decides before the `turn` crate sees anything
+/// (public so that the fuzz targets drive exactly this code).
+#[derive(Debug, Clone)]
+pub struct GateCheck {
     shared: Arc<Shared>,
 }
 
-impl Gate {
-    fn inspect(&self, data: &[u8]) -> Verdict {
+impl GateCheck {
+    /// A gate with no allocations yet.
+    pub fn new(settings: TurnSettings, metrics: Arc<Metrics>) -> GateCheck {
+        GateCheck {
+            shared: Arc::new(Shared {
+                settings,
+                metrics,
+                allocations: Mutex::new(Quota::default()),
+                pending_user: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Judges one datagram from a client (see the module documentation).
+    pub fn inspect(&self, data: &[u8]) -> Verdict {
         if ChannelData::is_channel_data(data) {
             return Verdict::Pass;
         }
@@ -427,13 +441,14 @@ impl Conn for Gate {
                     continue;
                 }
             };
-            match self.inspect(&buf[..n]) {
+            match self.check.inspect(&buf[..n]) {
                 Verdict::Pass => return Ok((n, from)),
                 Verdict::Reply(bytes) => {
                     let _ = self.socket.send_to(&bytes, from).await;
                 }
                 Verdict::Drop(reason) => {
-                    self.shared
+                    self.check
+                        .shared
                         .metrics
                         .turn_dropped
                         .with_label_values(&[reason])

@@ -602,6 +602,117 @@ fn gen_turn_username(rng: &mut StdRng) -> Vec<u8> {
     format!("{expiry}{sep}{id}").into_bytes()
 }
 
+/// A datagram to the TURN port: requests of every TURN method with good,
+/// expired, forged, realm-less or nonce-less credentials, peers that are
+/// public, private, loopback or the SFU's exception, Send indications,
+/// Binding requests, responses, and channel data.
+fn gen_turn(rng: &mut StdRng) -> Vec<u8> {
+    use stun::message::*;
+    use turn::proto::peeraddr::PeerAddress;
+    if rng.random_bool(0.05) {
+        // ChannelData: channel number 0x4000-0x7fff, length, payload.
+        let mut d = (0x4000u16 + rng.random_range(0..0x4000u16))
+            .to_be_bytes()
+            .to_vec();
+        let len = rng.random_range(0..40u16);
+        d.extend(len.to_be_bytes());
+        d.extend((0..len).map(|_| rng.random::<u8>()));
+        return d;
+    }
+    let (method, class) = match rng.random_range(0..12u32) {
+        0..3 => (METHOD_ALLOCATE, CLASS_REQUEST),
+        3 | 4 => (METHOD_CREATE_PERMISSION, CLASS_REQUEST),
+        5 | 6 => (METHOD_CHANNEL_BIND, CLASS_REQUEST),
+        7 => (METHOD_REFRESH, CLASS_REQUEST),
+        8 => (METHOD_SEND, CLASS_INDICATION),
+        9 => (METHOD_BINDING, CLASS_REQUEST),
+        10 => (METHOD_ALLOCATE, CLASS_SUCCESS_RESPONSE),
+        _ => (METHOD_ALLOCATE, CLASS_ERROR_RESPONSE),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let username = match rng.random_range(0..6u32) {
+        0 => format!("{}:p-1", now - 10), // expired
+        1 => "p-1".to_owned(),            // no expiry
+        _ => format!("{}:p-{}", now + 3600, rng.random::<u16>()),
+    };
+    let secret: &[u8] = if rng.random_bool(0.8) {
+        targets::TURN_SECRET
+    } else {
+        b"someone else's secret"
+    };
+    let realm = if rng.random_bool(0.9) {
+        targets::TURN_REALM
+    } else {
+        "elsewhere"
+    };
+    let peer: std::net::SocketAddr = match rng.random_range(0..6u32) {
+        0 => "198.51.100.7:4000".parse().unwrap(),
+        1 => "10.1.2.3:4000".parse().unwrap(),
+        2 => "127.0.0.1:7882".parse().unwrap(),
+        3 => targets::TURN_SFU.parse().unwrap(),
+        4 => "10.0.0.5:9".parse().unwrap(), // the SFU's IP, another port
+        _ => "[2001:db8::1]:4000".parse().unwrap(),
+    };
+    let mut setters: Vec<Box<dyn Setter>> = vec![
+        Box::new(stun::agent::TransactionId::new()),
+        Box::new(MessageType::new(method, class)),
+    ];
+    if method == METHOD_ALLOCATE && class == CLASS_REQUEST {
+        setters.push(Box::new(turn::proto::reqtrans::RequestedTransport {
+            protocol: turn::proto::PROTO_UDP,
+        }));
+    }
+    if method == METHOD_CREATE_PERMISSION || method == METHOD_CHANNEL_BIND || method == METHOD_SEND
+    {
+        setters.push(Box::new(PeerAddress {
+            ip: peer.ip(),
+            port: peer.port(),
+        }));
+    }
+    if method == METHOD_CHANNEL_BIND {
+        setters.push(Box::new(turn::proto::channum::ChannelNumber(
+            0x4000 + rng.random_range(0..0x10u16),
+        )));
+    }
+    if method == METHOD_SEND {
+        setters.push(Box::new(turn::proto::data::Data(vec![1, 2, 3])));
+    }
+    let signed = class == CLASS_REQUEST && method != METHOD_BINDING && rng.random_bool(0.85);
+    if signed {
+        setters.push(Box::new(stun::textattrs::TextAttribute::new(
+            stun::attributes::ATTR_USERNAME,
+            username.clone(),
+        )));
+        setters.push(Box::new(stun::textattrs::TextAttribute::new(
+            stun::attributes::ATTR_REALM,
+            realm.to_owned(),
+        )));
+        if rng.random_bool(0.95) {
+            setters.push(Box::new(stun::textattrs::TextAttribute::new(
+                stun::attributes::ATTR_NONCE,
+                "nonce-1".to_owned(),
+            )));
+        }
+        let password = confab::turn_server::credentials::password(secret, &username);
+        setters.push(Box::new(
+            stun::integrity::MessageIntegrity::new_long_term_integrity(
+                username,
+                realm.to_owned(),
+                password,
+            ),
+        ));
+    }
+    if rng.random_bool(0.3) {
+        setters.push(Box::new(stun::fingerprint::FINGERPRINT));
+    }
+    let mut m = Message::new();
+    m.build(&setters).expect("a buildable message");
+    m.raw
+}
+
 /// The downtrack-parameter prefix of the forwarder targets' input.
 fn gen_params(rng: &mut StdRng, video: bool) -> Vec<u8> {
     // ssrc (4), payload type (1), clock rate choice (1), video (1).
@@ -724,6 +835,7 @@ const GENERATORS: &[(&str, Generator)] = &[
     ("turn_username", gen_turn_username),
     ("forwarder", gen_forwarder),
     ("rtp_forward", gen_rtp_forward),
+    ("turn_gate", gen_turn),
 ];
 
 // --- Tests ------------------------------------------------------------------
@@ -804,6 +916,11 @@ fn fuzz_forwarder() {
 #[test]
 fn fuzz_rtp_forward() {
     fuzz("rtp_forward", gen_rtp_forward);
+}
+
+#[test]
+fn fuzz_turn_gate() {
+    fuzz("turn_gate", gen_turn);
 }
 
 /// Builds a [`targets::rtp_forward`] input from whole datagrams.
@@ -1010,5 +1127,52 @@ fn fuzz_generators_reach_valid_inputs() {
         ("token", token),
     ] {
         assert!(count > n / 10, "{what}: {count} of {n} valid");
+    }
+    // The TURN generator reaches every decision of the gate.
+    let gate = targets::turn_gate_check();
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let input = gen_turn(&mut rng);
+        let kind = match gate.inspect(&input) {
+            confab::turn_server::Verdict::Pass => {
+                let mut m = stun::message::Message::new();
+                m.raw = input;
+                let signed =
+                    m.decode().is_ok() && m.contains(stun::attributes::ATTR_MESSAGE_INTEGRITY);
+                if signed {
+                    "pass signed"
+                } else {
+                    "pass"
+                }
+            }
+            confab::turn_server::Verdict::Reply(r) => {
+                let mut m = stun::message::Message::new();
+                m.raw = r;
+                m.decode().unwrap();
+                let mut code = stun::error_code::ErrorCodeAttribute::default();
+                stun::message::Getter::get_from(&mut code, &m).unwrap();
+                if code.code.0 == 401 {
+                    "401"
+                } else {
+                    "403"
+                }
+            }
+            confab::turn_server::Verdict::Drop(reason) => reason,
+        };
+        *seen.entry(kind).or_insert(0) += 1;
+    }
+    for (kind, at_least) in [
+        ("pass signed", n / 10),
+        ("pass", n / 20),
+        ("401", n / 20),
+        ("403", n / 50),
+        ("forbidden_peer", n / 100),
+        ("unexpected_class", n / 50),
+    ] {
+        let count = seen.get(kind).copied().unwrap_or(0);
+        assert!(
+            count >= at_least,
+            "TURN gate {kind}: {count} of {n}: {seen:?}"
+        );
     }
 }

@@ -17,6 +17,8 @@ use confab::media::forwarder::{DownTrackParams, Drop, Forwarder, Verdict};
 use confab::media::{rtp, stun as ice, vp8};
 use confab::signaling::protocol::{self, ClientMessage, ErrorCode, MediaMode};
 use confab::turn_server::credentials;
+use confab::turn_server::{GateCheck, PeerPolicy, TurnSettings, Verdict as GateVerdict};
+use stun::message::Message as StunMessage;
 
 /// A target: panics when a property does not hold.
 pub type Target = fn(&[u8]);
@@ -31,6 +33,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("turn_username", turn_username),
     ("forwarder", forwarder),
     ("rtp_forward", rtp_forward),
+    ("turn_gate", turn_gate),
 ];
 
 fn be16(b: &[u8], at: usize) -> u16 {
@@ -332,6 +335,181 @@ pub fn turn_username(data: &[u8]) {
         Err(credentials::Refusal::Expired)
     );
     assert_eq!(c.password, credentials::password(b"k", &c.username));
+}
+
+/// The secret the TURN gate target's credentials are signed with.
+pub const TURN_SECRET: &[u8] = b"fuzz-turn-secret";
+/// The realm of the TURN gate target.
+pub const TURN_REALM: &str = "confab.test";
+/// The SFU media address the gate's policy admits although it is private.
+pub const TURN_SFU: &str = "10.0.0.5:7882";
+
+/// The gate under test: the default policy (public peers only) plus the
+/// SFU's address, the default quotas.
+pub fn turn_gate_check() -> &'static GateCheck {
+    static GATE: std::sync::OnceLock<GateCheck> = std::sync::OnceLock::new();
+    GATE.get_or_init(|| {
+        let settings = TurnSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            relay_bind: "127.0.0.1".parse().unwrap(),
+            relay_public: "127.0.0.1".parse().unwrap(),
+            relay_ports: (49_152, 65_535),
+            realm: TURN_REALM.into(),
+            secret: TURN_SECRET.to_vec(),
+            user_quota: 10,
+            total_quota: 1000,
+            policy: PeerPolicy {
+                allow_loopback: false,
+                exceptions: vec![TURN_SFU.parse().unwrap()],
+            },
+        };
+        GateCheck::new(
+            settings,
+            std::sync::Arc::new(confab::metrics::Metrics::new()),
+        )
+    })
+}
+
+/// The long-term key of a request's credentials if they are good: realm,
+/// a nonce, an unexpired username, and MESSAGE-INTEGRITY under the key
+/// derived from the shared secret (worked out independently of the gate).
+fn turn_valid_key(m: &StunMessage) -> Option<Vec<u8>> {
+    let text = |a| {
+        stun::textattrs::TextAttribute::get_from_as(m, a)
+            .ok()
+            .map(|t| t.text)
+    };
+    let username = text(stun::attributes::ATTR_USERNAME)?;
+    let realm = text(stun::attributes::ATTR_REALM)?;
+    text(stun::attributes::ATTR_NONCE)?;
+    if realm != TURN_REALM
+        || credentials::check_username(&username, std::time::SystemTime::now()).is_err()
+    {
+        return None;
+    }
+    let password = credentials::password(TURN_SECRET, &username);
+    let integrity =
+        stun::integrity::MessageIntegrity::new_long_term_integrity(username, realm, password);
+    let mut copy = StunMessage::new();
+    copy.raw = m.raw.clone();
+    copy.decode().ok()?;
+    integrity.check(&mut copy).ok()?;
+    Some(integrity.0)
+}
+
+/// Whether the policy admits the request's first XOR-PEER-ADDRESS (a
+/// permission by IP, everything else by IP and port); `None` without one.
+fn turn_peer_allowed(m: &StunMessage) -> Option<bool> {
+    use stun::message::Getter as _;
+    let mut peer = turn::proto::peeraddr::PeerAddress::default();
+    peer.get_from(m).ok()?;
+    let policy = PeerPolicy {
+        allow_loopback: false,
+        exceptions: vec![TURN_SFU.parse().unwrap()],
+    };
+    Some(if m.typ.method == stun::message::METHOD_CREATE_PERMISSION {
+        policy.allows_permission(peer.ip)
+    } else {
+        policy.allows_addr(std::net::SocketAddr::new(peer.ip, peer.port))
+    })
+}
+
+/// `turn_server::GateCheck::inspect`, what the TURN listening socket
+/// decides before the `turn` crate sees a datagram: channel data passes;
+/// anything that is not a whole STUN message is dropped as malformed; a
+/// TURN request carrying MESSAGE-INTEGRITY passes only with credentials
+/// that verify under the shared secret (else a 401 challenge) and, for a
+/// permission or channel, a peer the policy admits (else a signed 403); a
+/// Send indication to a refused peer is dropped; responses are dropped.
+/// Every reply is a STUN error response to the same transaction.
+pub fn turn_gate(data: &[u8]) {
+    use stun::message::{
+        CLASS_ERROR_RESPONSE, CLASS_INDICATION, CLASS_REQUEST, METHOD_ALLOCATE,
+        METHOD_CHANNEL_BIND, METHOD_CREATE_PERMISSION, METHOD_REFRESH, METHOD_SEND,
+    };
+    let verdict = turn_gate_check().inspect(data);
+    if turn::proto::chandata::ChannelData::is_channel_data(data) {
+        assert_eq!(verdict, GateVerdict::Pass, "channel data is the crate's");
+        return;
+    }
+    let mut m = StunMessage::new();
+    m.raw = data.to_vec();
+    if !stun::message::is_message(data) || m.decode().is_err() {
+        assert_eq!(verdict, GateVerdict::Drop("malformed"));
+        return;
+    }
+    let method = m.typ.method;
+    let turn_request = m.typ.class == CLASS_REQUEST
+        && [
+            METHOD_ALLOCATE,
+            METHOD_REFRESH,
+            METHOD_CREATE_PERMISSION,
+            METHOD_CHANNEL_BIND,
+        ]
+        .contains(&method)
+        && m.contains(stun::attributes::ATTR_MESSAGE_INTEGRITY);
+    let peer_rule = method == METHOD_CREATE_PERMISSION || method == METHOD_CHANNEL_BIND;
+    match verdict {
+        GateVerdict::Pass => {
+            assert!(
+                m.typ.class == CLASS_REQUEST || m.typ.class == CLASS_INDICATION,
+                "a {:?} passed",
+                m.typ
+            );
+            if turn_request {
+                assert!(turn_valid_key(&m).is_some(), "bad credentials passed");
+                if peer_rule {
+                    assert_ne!(turn_peer_allowed(&m), Some(false), "a refused peer passed");
+                }
+            }
+            if m.typ.class == CLASS_INDICATION && method == METHOD_SEND {
+                assert_ne!(turn_peer_allowed(&m), Some(false), "Send to a refused peer");
+            }
+        }
+        GateVerdict::Reply(bytes) => {
+            assert!(turn_request, "a reply to {:?}", m.typ);
+            let mut r = StunMessage::new();
+            r.raw = bytes;
+            r.decode().expect("the reply decodes");
+            assert_eq!(r.transaction_id, m.transaction_id);
+            assert_eq!(
+                r.typ,
+                stun::message::MessageType::new(method, CLASS_ERROR_RESPONSE)
+            );
+            let mut code = stun::error_code::ErrorCodeAttribute::default();
+            use stun::message::Getter as _;
+            code.get_from(&r).expect("an ERROR-CODE");
+            let key = turn_valid_key(&m);
+            match code.code.0 {
+                401 => {
+                    assert!(key.is_none(), "401 to good credentials");
+                    assert!(r.contains(stun::attributes::ATTR_REALM));
+                }
+                403 => {
+                    let key = key.expect("403 only after the credentials verified");
+                    assert!(peer_rule && turn_peer_allowed(&m) == Some(false));
+                    let mut signed = StunMessage::new();
+                    signed.raw = r.raw.clone();
+                    signed.decode().unwrap();
+                    stun::integrity::MessageIntegrity(key)
+                        .check(&mut signed)
+                        .expect("the 403 is signed with the client's key");
+                }
+                // No allocation is ever made here, so no quota is reached.
+                other => panic!("unexpected error code {other}"),
+            }
+        }
+        GateVerdict::Drop(reason) => match reason {
+            "forbidden_peer" => {
+                assert!(m.typ.class == CLASS_INDICATION && method == METHOD_SEND);
+                assert_eq!(turn_peer_allowed(&m), Some(false));
+            }
+            "unexpected_class" => {
+                assert!(m.typ.class != CLASS_REQUEST && m.typ.class != CLASS_INDICATION);
+            }
+            other => panic!("dropped as {other:?}: {:?}", m.typ),
+        },
+    }
 }
 
 /// One packet offered to a forwarder.
