@@ -188,6 +188,11 @@ struct ServeArgs {
     )]
     #[serde(rename = "never-p2p-room")]
     never_p2p_rooms: Vec<String>,
+    /// Last-N: in server-routed rooms each member receives the video of at
+    /// most this many others (screen sharers first, then the most recent
+    /// speakers); audio from everyone. 0: every video.
+    #[arg(long, env = "CONFAB_LAST_N", default_value_t = 0)]
+    last_n: usize,
     /// Accept only AEAD_AES_128_GCM for SRTP on server legs (cheaper per
     /// packet; every current browser supports it).
     #[arg(long, env = "CONFAB_SRTP_GCM_ONLY")]
@@ -344,6 +349,7 @@ impl ServeArgs {
                 .into_iter()
                 .filter(|p| !p.is_empty())
                 .collect(),
+            last_n: self.last_n,
             srtp_gcm_only: self.srtp_gcm_only,
             turn: TurnConfig {
                 enabled: !self.no_turn,

@@ -41,6 +41,10 @@ pub struct Config {
     /// (webinars, recorded rooms: anything where the server must see the
     /// media, or where a switch at the second join is unwanted).
     pub never_p2p_rooms: Vec<String>,
+    /// Last-N: in server-routed rooms each member receives the video of
+    /// at most this many others (screen sharers, then the most recent
+    /// speakers); audio from everyone. 0: every video.
+    pub last_n: usize,
     /// Accept only AEAD_AES_128_GCM for SRTP on server legs (about 4x
     /// cheaper per packet than AES-CM + HMAC-SHA1, which Chromium picks
     /// when offered both).
@@ -220,6 +224,7 @@ impl Default for Config {
             public_ip: None,
             mode_policy: ModePolicy::default(),
             never_p2p_rooms: Vec::new(),
+            last_n: 0,
             srtp_gcm_only: false,
             turn: TurnConfig::default(),
             metrics_listen: None,

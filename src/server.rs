@@ -130,6 +130,7 @@ impl Server {
                 ice_servers,
                 mode_policy: config.mode_policy,
                 never_p2p_rooms: config.never_p2p_rooms.clone(),
+                last_n: config.last_n,
                 sfu: Some(sfu_handle),
             },
             Arc::clone(&metrics),

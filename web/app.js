@@ -339,6 +339,13 @@ class Tile {
     else delete this.el.dataset.conn;
   }
 
+  /** The server holds this member's video back (Last-N): show the avatar, not a frozen frame. */
+  setHeld(held) {
+    if (this.el.dataset.held === String(held)) return;
+    this.el.dataset.held = String(held);
+    this.el.querySelector('.held-note').hidden = !held;
+  }
+
   /** The video shows a screen: shown whole (not cropped) and never mirrored. */
   setScreen(on) {
     this.el.dataset.screen = String(Boolean(on));
@@ -856,6 +863,7 @@ class Session {
     this.grid = grid;
     this.localTile = null;
     this.log = []; // { at, event, ... }: mode changes, swaps and reports, for debugging
+    this.forwardedVideo = null; // Set of member ids (Last-N), or null: every video is forwarded
     this.speakers = []; // tile ids speaking, dominant first ('local' for us)
     this.speakersSource = null; // where the list came from: 'server' or 'stats'
     this.speakerTimer = null;
@@ -988,6 +996,7 @@ class Session {
       case 'server_leg': return this.onServerLeg(msg);
       case 'active_speakers': return this.onActiveSpeakers(msg);
       case 'chat': return this.onChat(msg);
+      case 'forwarded_video': return this.onForwardedVideo(msg);
       case 'offer':
       case 'answer':
       case 'candidate': return this.onSignal(msg);
@@ -1352,9 +1361,23 @@ class Session {
     const tracks = this.pathTracks(id, path);
     const rising = (track) => Boolean(track) && this.counters.get(track.id)?.risen === this.mode?.epoch;
     if (rising(tracks.video)) return true;
-    if (!member.video_muted) return false;
-    // Camera off: audio is what arrives; a member that sends nothing at all cannot hold a switch up.
+    if (!member.video_muted && !this.videoHeld(id, path)) return false;
+    // Camera off, or video held by the server (Last-N): audio is what
+    // arrives; a member that sends nothing at all cannot hold a switch up.
     return rising(tracks.audio) || member.audio_muted;
+  }
+
+  /** Whether the server holds member `id`'s video back from us on `path` (Last-N). */
+  videoHeld(id, path) {
+    return path === 'server' && this.forwardedVideo !== null && !this.forwardedVideo.has(id);
+  }
+
+  /** Under Last-N: the members whose video the server forwards to us. */
+  onForwardedVideo({ ids }) {
+    if (!Array.isArray(ids)) return;
+    this.forwardedVideo = new Set(ids.filter((id) => typeof id === 'string'));
+    this.record('forwarded_video', { ids: [...this.forwardedVideo] });
+    this.kick();
   }
 
   async sampleStats() {
@@ -1402,6 +1425,7 @@ class Session {
       const want = this.wantedPath(id);
       const other = want === 'direct' ? 'server' : 'direct';
       const current = tile.rendered;
+      tile.setHeld(this.videoHeld(id, current));
       if (current === want && tile.streams[want]) continue;
       if (!current || !tile.streams[current]) {
         // Nothing (left) on screen: nothing to keep, take what there is.
@@ -1416,7 +1440,8 @@ class Session {
       const since = this.decodingSince.get(`${id}/${want}`);
       const member = this.members.get(id);
       if (since !== undefined && tile.streams[want]
-        && (tile.hasFrame(want) || member.video_muted || now - since > SWAP_FRAME_GRACE_MS)) {
+        && (tile.hasFrame(want) || member.video_muted || this.videoHeld(id, want)
+          || now - since > SWAP_FRAME_GRACE_MS)) {
         this.swap(tile, want, 'decodes');
       }
     }
@@ -1654,6 +1679,8 @@ class Session {
       /** Tile ids of the current speakers, dominant first ('local' for this page). */
       speakers: [...this.speakers],
       speakersSource: this.speakersSource,
+      /** Under Last-N, the members whose video the server forwards to us (null: all). */
+      forwardedVideo: this.forwardedVideo ? [...this.forwardedVideo] : null,
       /** The chat panel's messages, oldest first. */
       chat: chat.entries.map((e) => ({ ...e })),
       mode: this.mode ? { ...this.mode } : null,

@@ -354,6 +354,8 @@ pub enum Forwarded {
     NotReady,
     /// The downtrack waits for a keyframe: ask the publisher for one.
     WaitingForKeyframe,
+    /// Held by Last-N: this subscriber does not receive this video now.
+    Held,
     /// Dropped by the forwarder (too old) or refused by the engine.
     Dropped,
 }
@@ -367,6 +369,9 @@ pub struct DownTrack {
     pub track_id: String,
     /// Rewrites sequence numbers and timestamps.
     pub forwarder: Forwarder,
+    /// Held by Last-N: nothing is forwarded until released (then from a
+    /// keyframe, the numbering continuing).
+    held: bool,
     /// Offer generation that first contained this downtrack.
     offered_in: u64,
 }
@@ -697,6 +702,7 @@ impl Leg {
             Ok::<_, LegError>(DownTrack {
                 sender: RTCRtpSenderId::from(id),
                 track_id,
+                held: false,
                 forwarder: Forwarder::new(DownTrackParams {
                     ssrc,
                     payload_type: kind.payload_type(),
@@ -756,6 +762,7 @@ impl Leg {
         sender.set_streams(vec![publisher.to_owned()]);
         track.track_id = track_id;
         track.offered_in = generation;
+        track.held = false;
         // Nothing of the old publisher goes out meanwhile, and the first
         // packet of the new one continues the numbering.
         track.forwarder.pause();
@@ -892,6 +899,23 @@ impl Leg {
         }
     }
 
+    /// Holds (Last-N) or releases the video of `publisher` on this leg.
+    /// Returns whether it was released now (it then waits for a keyframe).
+    pub fn hold_video(&mut self, publisher: &str, held: bool) -> bool {
+        let Some(tracks) = self.downtracks.get_mut(publisher) else {
+            return false;
+        };
+        let dt = &mut tracks[Kind::Video as usize];
+        if dt.held == held {
+            return false;
+        }
+        dt.held = held;
+        // Held or released, the stream picks up from a keyframe with its
+        // numbering continuous.
+        dt.forwarder.pause();
+        !held
+    }
+
     /// The per-subscriber hot path: offers one of `publisher`'s packets to
     /// this leg's downtrack of that `kind`; on [`Verdict::Send`] rewrites
     /// SSRC, payload type, sequence number and timestamp in a clone of the
@@ -921,6 +945,9 @@ impl Leg {
             return Forwarded::NotReady;
         };
         let dt = &mut tracks[kind as usize];
+        if dt.held {
+            return Forwarded::Held;
+        }
         let h = &packet.header;
         match dt
             .forwarder

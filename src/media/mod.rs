@@ -1,6 +1,6 @@
 //! The media plane's pure building blocks: RTP header parsing and
-//! rewriting ([`rtp`]), the per-downtrack [`forwarder`] and active-speaker
-//! detection ([`speaker`]).
+//! rewriting ([`rtp`]), the per-downtrack [`forwarder`], active-speaker
+//! detection ([`speaker`]) and the Last-N video selection ([`last_n`]).
 //!
 //! This module knows nothing about rooms or signaling; the selective
 //! forwarding unit that feeds it from server-side peer connections is built
@@ -8,6 +8,7 @@
 //! tested without sockets.
 
 pub mod forwarder;
+pub mod last_n;
 pub mod leg;
 pub mod rtp;
 pub mod sfu;

@@ -33,6 +33,7 @@ use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
+use super::last_n::LastN;
 use super::leg::{Forwarded, Kind, Leg, LegCounters};
 use super::speaker::{Speaker, SpeakerDetector};
 use super::{stun, vp8};
@@ -105,6 +106,8 @@ pub enum MediaCommand {
         router: RouterId,
         /// Where its events go.
         events: mpsc::Sender<MediaEvent>,
+        /// Videos each subscriber receives (Last-N); 0: all.
+        last_n: usize,
     },
     /// Drop a router and all its legs.
     CloseRouter {
@@ -154,6 +157,16 @@ pub enum MediaCommand {
         /// Forward or not.
         on: bool,
     },
+    /// Always select (`on`) the video of `participant` under Last-N: it
+    /// shares its screen.
+    Pin {
+        /// The router.
+        router: RouterId,
+        /// The participant.
+        participant: String,
+        /// Pinned or not.
+        on: bool,
+    },
 }
 
 /// What the SFU tells a room.
@@ -178,6 +191,14 @@ pub enum MediaEvent {
     Speakers {
         /// The new list.
         speakers: Vec<Speaker>,
+    },
+    /// Under Last-N, the members whose video `participant` now receives
+    /// (best first) changed.
+    ForwardedVideo {
+        /// The subscriber.
+        participant: String,
+        /// The publishers whose video it receives.
+        ids: Vec<String>,
     },
     /// Something the client sent for its leg was refused.
     Refused {
@@ -221,6 +242,8 @@ struct Router {
     last_pli: HashMap<String, Instant>,
     /// Who is talking, from the publishers' audio levels.
     speakers: SpeakerDetector,
+    /// Which videos each subscriber receives.
+    last_n: LastN,
 }
 
 struct LegEntry {
@@ -228,6 +251,8 @@ struct LegEntry {
     leg: Leg,
     /// When its engine last accepted a datagram from its client.
     last_heard: Instant,
+    /// Under Last-N, the videos its participant was last told it receives.
+    forwarded_video: Option<Vec<String>>,
 }
 
 /// Why a leg was closed as failed (the `reason` of
@@ -620,11 +645,17 @@ impl Sfu {
                 (participant.as_str(), score)
             });
             if let Some(speakers) = router.speakers.update(windows) {
-                changed.push((*id, speakers));
+                let ids: Vec<String> = speakers.iter().map(|s| s.id.clone()).collect();
+                let reranked = router.last_n.spoke(&ids);
+                changed.push((*id, speakers, reranked));
             }
         }
-        for (router, speakers) in changed {
+        let now = Instant::now();
+        for (router, speakers, reranked) in changed {
             self.emit(router, MediaEvent::Speakers { speakers });
+            if reranked {
+                self.apply_last_n(router, now);
+            }
         }
     }
 
@@ -655,7 +686,11 @@ impl Sfu {
     fn on_command(&mut self, command: MediaCommand) {
         let now = Instant::now();
         match command {
-            MediaCommand::OpenRouter { router, events } => {
+            MediaCommand::OpenRouter {
+                router,
+                events,
+                last_n,
+            } => {
                 self.routers.insert(
                     router,
                     Router {
@@ -664,6 +699,7 @@ impl Sfu {
                         legs: Vec::new(),
                         last_pli: HashMap::new(),
                         speakers: SpeakerDetector::default(),
+                        last_n: LastN::new(last_n),
                     },
                 );
             }
@@ -730,6 +766,19 @@ impl Sfu {
                         });
                         self.dirty.insert(key);
                     }
+                }
+            }
+            MediaCommand::Pin {
+                router,
+                participant,
+                on,
+            } => {
+                let changed = self
+                    .routers
+                    .get_mut(&router)
+                    .is_some_and(|r| r.last_n.pin(&participant, on));
+                if changed {
+                    self.apply_last_n(router, now);
                 }
             }
             MediaCommand::SetForwarding { router, on } => {
@@ -822,6 +871,7 @@ impl Sfu {
                 router,
                 leg,
                 last_heard: now,
+                forwarded_video: None,
             },
         );
         if let Some(r) = self.routers.get_mut(&router) {
@@ -836,6 +886,53 @@ impl Sfu {
             },
         );
         self.renegotiate(router, key, now);
+        self.apply_last_n(router, now);
+    }
+
+    /// Holds and releases video downtracks so that every subscriber of
+    /// `router` receives the videos Last-N selects for it, and tells the
+    /// subscribers whose selection changed. Released videos get a
+    /// keyframe request.
+    fn apply_last_n(&mut self, router: RouterId, now: Instant) {
+        let Some(r) = self.routers.get(&router) else {
+            return;
+        };
+        if !r.last_n.enabled() {
+            return;
+        }
+        let members: Vec<&str> = r.legs.iter().map(|(p, _)| p.as_str()).collect();
+        let ranking = r.last_n.ranking(&members);
+        let mut events = Vec::new();
+        let mut released: Vec<String> = Vec::new();
+        for (subscriber, key) in &r.legs {
+            let Some(entry) = self.legs.get_mut(key) else {
+                continue;
+            };
+            let selection = r.last_n.select(&ranking, subscriber);
+            for publisher in &members {
+                if *publisher != subscriber
+                    && entry
+                        .leg
+                        .hold_video(publisher, !selection.iter().any(|s| s == publisher))
+                    && !released.iter().any(|p| p == publisher)
+                {
+                    released.push((*publisher).to_owned());
+                }
+            }
+            if entry.forwarded_video.as_ref() != Some(&selection) {
+                entry.forwarded_video = Some(selection.clone());
+                events.push(MediaEvent::ForwardedVideo {
+                    participant: subscriber.clone(),
+                    ids: selection,
+                });
+            }
+        }
+        for event in events {
+            self.emit(router, event);
+        }
+        for publisher in released {
+            self.request_keyframe(router, &publisher, now, false);
+        }
     }
 
     fn renegotiate(&mut self, router: RouterId, key: LegKey, now: Instant) {
@@ -859,6 +956,7 @@ impl Sfu {
             Some(r) => {
                 r.legs.retain(|(p, _)| p != participant);
                 r.last_pli.remove(participant);
+                r.last_n.forget(participant);
                 r.legs.iter().map(|(_, k)| *k).collect()
             }
             None => Vec::new(),
@@ -870,6 +968,7 @@ impl Sfu {
             }
             self.renegotiate(router, other, now);
         }
+        self.apply_last_n(router, now);
     }
 
     fn drop_leg(&mut self, key: LegKey) {
@@ -1085,7 +1184,7 @@ impl Sfu {
                 Forwarded::Dropped => {
                     self.dirty.insert(*key);
                 }
-                Forwarded::NotReady => {}
+                Forwarded::NotReady | Forwarded::Held => {}
             }
         }
         if sent > 0 {

@@ -210,6 +210,8 @@ pub struct RoomSettings {
     /// Room-id patterns whose rooms never use peer-to-peer (see
     /// [`room_matches`]).
     pub never_p2p_rooms: Vec<String>,
+    /// Videos each member receives in server-routed modes (Last-N); 0: all.
+    pub last_n: usize,
     /// The SFU, for server legs and forwarding.
     pub sfu: Option<SfuHandle>,
 }
@@ -432,6 +434,7 @@ mod tests {
             ice_servers: IceServerList::default(),
             mode_policy: ModePolicy::default(),
             never_p2p_rooms: vec!["town-hall-*".into()],
+            last_n: 0,
             sfu: None,
         };
         assert!(settings.mode_policy_for("town-hall-1").never_p2p);

@@ -121,6 +121,7 @@ impl Room {
         self.media_out.push(MediaCommand::OpenRouter {
             router: self.router(),
             events: events_tx,
+            last_n: self.settings.last_n,
         });
         self.flush_media().await;
         let mut empty_since = Some(Instant::now());
@@ -209,6 +210,13 @@ impl Room {
                 if let Some(m) = self.members.iter_mut().find(|m| m.id == id) {
                     m.audio_muted = audio_muted;
                     m.video_muted = video_muted;
+                    if m.screen != screen {
+                        self.media_out.push(MediaCommand::Pin {
+                            router: self.generation,
+                            participant: id.clone(),
+                            on: screen,
+                        });
+                    }
                     m.screen = screen;
                     let msg = ServerMessage::ParticipantUpdated {
                         id: id.clone(),
@@ -466,6 +474,9 @@ impl Room {
                     })
                     .collect();
                 self.broadcast(&ServerMessage::ActiveSpeakers { speakers }, None);
+            }
+            MediaEvent::ForwardedVideo { participant, ids } => {
+                self.send_to(&participant, &ServerMessage::ForwardedVideo { ids });
             }
             MediaEvent::Refused {
                 participant,

@@ -321,6 +321,12 @@ pub enum ServerMessage {
         /// The speakers; empty when nobody speaks.
         speakers: Vec<SpeakerInfo>,
     },
+    /// Under Last-N, the members whose video this member now receives
+    /// through the server, best first.
+    ForwardedVideo {
+        /// Their participant ids.
+        ids: Vec<String>,
+    },
     /// A chat message from another member.
     Chat {
         /// Sender's participant id.

@@ -49,6 +49,19 @@ function wav(amplitude) {
   return buf;
 }
 
+/** Decoded frames of member `id`'s video on the server path at `page`. */
+function serverFrames(page, id) {
+  return page.evaluate(async (id) => {
+    const member = window.confab.state().members.find((m) => m.id === id);
+    const trackId = member?.tracks.server.video;
+    const pc = window.confab.serverPc();
+    if (!trackId || !pc) return 0;
+    const report = await pc.getStats();
+    const inbound = [...report.values()].find((s) => s.type === 'inbound-rtp' && s.trackIdentifier === trackId);
+    return inbound?.framesDecoded ?? 0;
+  }, id);
+}
+
 /** Tile ids each page marks as speaking (dataset), and its state's list. */
 async function speakersOf(page) {
   const [state, marked] = await Promise.all([
@@ -129,6 +142,71 @@ test('every page marks the member who talks, peer-to-peer and through the server
   } finally {
     for (const { label, page } of browsers) {
       await screenshot(page, `speakers-${label}.png`).catch(() => {});
+    }
+  }
+});
+
+test('with --last-n 1 every page gets only the speaker\'s video and shows the others paused', { timeout: 90_000 }, async (t) => {
+  const dir = await mkdtemp(path.join(tmpdir(), 'confab-audio-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const tone = path.join(dir, 'tone.wav');
+  const silence = path.join(dir, 'silence.wav');
+  await writeFile(tone, wav(0.3));
+  await writeFile(silence, wav(0));
+
+  const server = await startServer({ args: ['--last-n', '1'] });
+  t.after(() => server.stop());
+  const names = ['alice', 'bob', 'carol'];
+  const browsers = [];
+  t.after(() => Promise.all(browsers.map((b) => b.close())));
+  // Carol talks; Alice and Bob are silent.
+  browsers.push(...(await Promise.all(names.map((name) => launchBrowser(name, {
+    args: [`--use-file-for-fake-audio-capture=${name === 'carol' ? tone : silence}`],
+  })))));
+  const [alice, bob, carol] = browsers;
+  const room = randomRoom('last-n');
+  const urlFor = (name) => `${server.url}/?room=${room}&name=${name}`;
+
+  try {
+    const ids = [];
+    for (const b of browsers) ids.push((await joinCall(b.page, urlFor(b.label))).participantId);
+    const [aliceId, bobId, carolId] = ids;
+    for (const b of browsers) await waitForBadge(b.page, 'via server', { timeoutMs: 30_000 });
+
+    // Everyone watches Carol, who watches Alice (the first to join).
+    const want = [[carolId], [carolId], [aliceId]];
+    await pollUntil(async () => {
+      const states = await Promise.all(browsers.map((b) => clientState(b.page)));
+      return states.every((s, i) => JSON.stringify(s.forwardedVideo) === JSON.stringify(want[i]));
+    }, { timeoutMs: 15_000, what: 'each page told which video it receives' });
+    // The others' tiles show the avatar, marked paused.
+    const held = (page, id) => page.getAttribute(`.tile[data-id="${id}"]`, 'data-held');
+    await pollUntil(async () => (await held(alice.page, bobId)) === 'true'
+      && (await held(alice.page, carolId)) === 'false'
+      && (await held(carol.page, bobId)) === 'true'
+      && (await held(carol.page, aliceId)) === 'false',
+    { timeoutMs: 5_000, what: 'held tiles marked' });
+
+    // Frames: Carol's video decodes at Alice, Bob's does not arrive.
+    const before = await Promise.all([serverFrames(alice.page, carolId), serverFrames(alice.page, bobId)]);
+    await new Promise((r) => setTimeout(r, 1500));
+    const after = await Promise.all([serverFrames(alice.page, carolId), serverFrames(alice.page, bobId)]);
+    console.log(`last-n at alice over 1.5 s: carol +${after[0] - before[0]} frames, bob +${after[1] - before[1]}`);
+    assert.ok(after[0] - before[0] >= 10, "carol's video decodes at alice");
+    assert.equal(after[1], before[1], "bob's video is not forwarded to alice");
+
+    // Held videos did not stall the switch: every page reported media_ready.
+    const metrics = await (await fetch(`${server.url}/metrics`)).text();
+    const line = metrics.split('\n').find((l) => l.startsWith('confab_mode_switches_total{')
+      && l.includes('from="to_sfu"') && l.includes('to="sfu"'));
+    assert.match(line ?? '', /reason="media_ready"/, `the switch to the server completed on media_ready: ${line}`);
+  } catch (err) {
+    for (const b of browsers) console.log(b.logs.join('\n'));
+    console.log(`--- server output ---\n${server.output()}`);
+    throw err;
+  } finally {
+    for (const { label, page } of browsers) {
+      await screenshot(page, `last-n-${label}.png`).catch(() => {});
     }
   }
 });

@@ -2338,6 +2338,8 @@ pub(crate) struct SignalingLog {
     pub(crate) participants_left: Vec<(String, String, Instant)>,
     /// `active_speakers`: the ids listed, in order, and arrival.
     pub(crate) speakers: Vec<(Vec<String>, Instant)>,
+    /// `forwarded_video` (Last-N): the ids, in order, and arrival.
+    pub(crate) forwarded_video: Vec<(Vec<String>, Instant)>,
     /// Candidates from a member that is not our current peer (a leg that was
     /// already closed), ignored.
     pub(crate) stale_candidates: usize,
@@ -2598,6 +2600,17 @@ impl Driver {
                     })
                     .unwrap_or_default();
                 self.log.lock().unwrap().speakers.push((ids, now));
+            }
+            "forwarded_video" => {
+                let ids = message["ids"]
+                    .as_array()
+                    .map(|list| {
+                        list.iter()
+                            .map(|id| id.as_str().unwrap_or("").to_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                self.log.lock().unwrap().forwarded_video.push((ids, now));
             }
             "error" => self.error(format!("server error: {message}")),
             _ => self.log.lock().unwrap().other.push(message),

@@ -190,3 +190,172 @@ async fn conversation() {
     }
     server.shutdown().await;
 }
+
+/// Packets received through the server so far from each source of
+/// `from`, `(video, audio)`.
+fn received_from(at: &Member, from: &Member) -> (usize, usize) {
+    let count = |tag: Option<u32>| {
+        tag.and_then(|t| at.peer.stream(t))
+            .map_or(0, |s| s.server.packets)
+    };
+    (
+        count(from.peer.video().map(|s| s.tag)),
+        count(from.peer.audio().map(|s| s.tag)),
+    )
+}
+
+/// Waits until every member's latest `forwarded_video` is `expected(i)`.
+async fn wait_forwarded(members: &[Member], what: &str, expected: impl Fn(usize) -> Vec<String>) {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let latest: Vec<Option<Vec<String>>> = members
+            .iter()
+            .map(|m| {
+                m.sig
+                    .log()
+                    .forwarded_video
+                    .last()
+                    .map(|(ids, _)| ids.clone())
+            })
+            .collect();
+        if latest
+            .iter()
+            .enumerate()
+            .all(|(i, l)| l.as_ref() == Some(&expected(i)))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not reached within {SETTLE:?}; latest: {latest:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_n_forwards_the_video_of_recent_speakers_only() {
+    let _serial = media_test_lock().await;
+    tokio::time::timeout(Duration::from_secs(60), last_n())
+        .await
+        .expect("the Last-N scenario finishes within 60 s");
+}
+
+/// Four members, Last-N 1: each receives one video (the latest speaker's,
+/// or the first to join before anyone spoke) and every audio.
+async fn last_n() {
+    let mut cfg = test_config();
+    cfg.last_n = 1;
+    let server = start_server_with(cfg).await;
+    let room = room_name("last-n");
+    let mut members = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        let peer = RtcPeer::new(PeerConfig::video(name).with_audio().keyframes_on_request())
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (ws, joined) = join(server.addr, &room, name).await;
+        let id = joined["participant_id"].as_str().unwrap().to_owned();
+        let (tx, rx) = ws.into_split();
+        let sig = peer.start_signaling(&joined, tx, rx);
+        let streamer = peer.start_streaming(INTERVAL, PAYLOAD_LEN);
+        members.push(Member {
+            peer,
+            sig,
+            id,
+            streamer,
+        });
+    }
+    for m in &members {
+        m.set_level(SILENT);
+        m.peer.wait_mode("sfu", 0, SETTLE).await.unwrap();
+        m.peer.server_leg().wait_connected(SETTLE).await.unwrap();
+    }
+    let ids: Vec<String> = members.iter().map(|m| m.id.clone()).collect();
+
+    // Nobody has spoken: the first to join is watched, and watches the second.
+    wait_forwarded(&members, "join order", |i| {
+        vec![ids[if i == 0 { 1 } else { 0 }].clone()]
+    })
+    .await;
+    let (a, b, c, d) = (&members[0], &members[1], &members[2], &members[3]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = [
+        received_from(c, a),
+        received_from(c, b),
+        received_from(c, d),
+    ];
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = [
+        received_from(c, a),
+        received_from(c, b),
+        received_from(c, d),
+    ];
+    let delta = |i: usize| (after[i].0 - before[i].0, after[i].1 - before[i].1);
+    eprintln!(
+        "last-n at c over 1 s, (video, audio) from a, b, d: {:?}",
+        [delta(0), delta(1), delta(2)]
+    );
+    assert!(delta(0).0 > 20, "c receives a's video: {:?}", delta(0));
+    assert_eq!(delta(1).0, 0, "c receives no video of b");
+    assert_eq!(delta(2).0, 0, "c receives no video of d");
+    for i in 0..3 {
+        assert!(
+            delta(i).1 > 20,
+            "c receives every audio: {:?}",
+            [delta(0), delta(1), delta(2)]
+        );
+    }
+
+    // d speaks: everyone watches d, d watches a (the first to join).
+    let spoke = Instant::now();
+    d.set_level(LOUD);
+    wait_forwarded(&members, "d speaks", |i| {
+        vec![ids[if i == 3 { 0 } else { 3 }].clone()]
+    })
+    .await;
+    let switched = spoke.elapsed();
+    // d's video resumes at c from a keyframe it asked d for.
+    let d_video_before = received_from(c, d).0;
+    let listed = Instant::now();
+    let deadline = listed + Duration::from_secs(3);
+    while received_from(c, d).0 == d_video_before {
+        assert!(Instant::now() < deadline, "d's video did not resume at c");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let resumed = listed.elapsed();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a_before = received_from(c, a).0;
+    let d_before = received_from(c, d).0;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        received_from(c, a).0,
+        a_before,
+        "a's video is held at c now"
+    );
+    assert!(
+        received_from(c, d).0 - d_before > 20,
+        "c receives d's video"
+    );
+    let asked: Vec<Duration> = d
+        .peer
+        .keyframe_requests()
+        .iter()
+        .filter(|k| k.at >= spoke)
+        .map(|k| k.at - spoke)
+        .collect();
+    assert!(
+        !asked.is_empty(),
+        "d was asked for a keyframe when its video was released"
+    );
+    eprintln!(
+        "last-n: lists changed {switched:?} after d started speaking; its video resumed at c \
+         {resumed:?} after the list; keyframe requests at d after it spoke: {asked:?}"
+    );
+
+    for m in members {
+        m.streamer.stop().await;
+        m.sig.stop().await;
+        m.peer.close().await;
+    }
+    server.shutdown().await;
+}
