@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use confab::config::Config;
 use serde_json::Value;
 
-use crate::common::{join_with, media_test_lock, test_config, TestServer, PROTOCOL_VERSION, STEP};
+use crate::common::{
+    join_with, media_test_lock, room_name, start_server_with, test_config, TestServer,
+    PROTOCOL_VERSION, STEP,
+};
 use crate::rtc_peer::{Path, PeerConfig, RtcPeer, SendReport, SignalingHandle, Streamer};
 
 /// One packet per source this often (50 packets/s, a typical video frame rate).
@@ -155,6 +158,21 @@ pub async fn join_members(
         members.push(join_member(addr, room, config).await);
     }
     members
+}
+
+/// A server with `cfg` and, in a new room named after `prefix`, a member
+/// for each of `configs` (see [`join_members`]); with the room and the
+/// instant before the first join.
+pub async fn start_call(
+    cfg: Config,
+    prefix: &str,
+    configs: impl IntoIterator<Item = PeerConfig>,
+) -> (TestServer, String, Instant, Vec<Member>) {
+    let server = start_server_with(cfg).await;
+    let room = room_name(prefix);
+    let since = Instant::now();
+    let members = join_members(server.addr, &room, configs).await;
+    (server, room, since, members)
 }
 
 /// Every member's timeline from `since`.

@@ -23,9 +23,9 @@ use crate::common::{
     eventually, join, metric_value, room_name, start_server_with, test_config, TestServer, STEP,
 };
 use crate::harness::{
-    finish, history, join_member, join_members, offer_counts, server_only_config, stream_pairs,
-    wait_all_mode, wait_all_rendering_via_server, wait_all_via_server_since, wait_left,
-    wait_offer_answered, Member, INTERVAL, PAYLOAD_LEN, SETTLE,
+    finish, history, join_member, join_members, offer_counts, server_only_config, start_call,
+    stream_pairs, wait_all_mode, wait_all_rendering_via_server, wait_all_via_server_since,
+    wait_left, wait_offer_answered, Member, INTERVAL, PAYLOAD_LEN, SETTLE,
 };
 use crate::lossy_proxy::{LossyProxy, ProxyStats, Towards};
 use crate::rtc_peer::{summarize_sdp, Path, PeerConfig, SignalingLog, VIDEO_PAYLOAD_TYPE};
@@ -403,9 +403,6 @@ async fn sfu_five_members_receive_every_stream_through_the_server() {
 /// the server when the third arrives), then stream for [`MEASURE`]; with
 /// `audio`, each also sends Opus.
 async fn mesh(n: usize, audio: bool) {
-    let server = start_server_with(test_config()).await;
-    let room = room_name("sfu-mesh");
-    let since = Instant::now();
     let configs = (0..n).map(|i| {
         let cfg = PeerConfig::video(&format!("m{i}"));
         if audio {
@@ -414,7 +411,7 @@ async fn mesh(n: usize, audio: bool) {
             cfg
         }
     });
-    let mut members = join_members(server.addr, &room, configs).await;
+    let (server, _, since, mut members) = start_call(test_config(), "sfu-mesh", configs).await;
     let all: Vec<&Member> = members.iter().collect();
     wait_all_mode(&all, "sfu", since).await;
     for m in &all {
@@ -520,11 +517,12 @@ async fn sfu_every_server_offer_is_ice_lite_with_host_candidates_and_end_of_cand
 /// and re-offers for joins and a leave; each one must be ICE-lite with the
 /// server's host candidates and `a=end-of-candidates` ("The server leg", 1).
 async fn every_offer() {
-    let server = start_server_with(test_config()).await;
-    let room = room_name("sfu-offers");
-    let since = Instant::now();
-    let mut members =
-        join_members(server.addr, &room, ["a", "b", "c"].map(PeerConfig::video)).await;
+    let (server, _, since, mut members) = start_call(
+        test_config(),
+        "sfu-offers",
+        ["a", "b", "c"].map(PeerConfig::video),
+    )
+    .await;
     wait_all_mode(&members.iter().collect::<Vec<_>>(), "sfu", since).await;
     let mut c = members.pop().unwrap();
     c.stop_streaming().await;
@@ -579,12 +577,9 @@ async fn sfu_late_joiner_gets_every_stream_after_a_keyframe_request() {
 /// start every stream on that key frame, and nobody else's streams may
 /// notice the renegotiation.
 async fn late_joiner() {
-    let server = start_server_with(test_config()).await;
-    let room = room_name("sfu-late");
-    let since = Instant::now();
-    let mut members = join_members(
-        server.addr,
-        &room,
+    let (server, room, since, mut members) = start_call(
+        test_config(),
+        "sfu-late",
         ["a", "b", "c"].map(|name| PeerConfig::video(name).keyframes_on_request()),
     )
     .await;
@@ -710,12 +705,9 @@ async fn sfu_killed_member_leaves_and_the_rest_continue_without_loss() {
 /// `participant_left` within 1 s, get a renegotiation that retires its
 /// sections, and keep receiving each other without a single lost packet.
 async fn killed_member() {
-    let server = start_server_with(test_config()).await;
-    let room = room_name("sfu-kill");
-    let since = Instant::now();
-    let mut members = join_members(
-        server.addr,
-        &room,
+    let (server, _, since, mut members) = start_call(
+        test_config(),
+        "sfu-kill",
         ["a", "b", "c", "d"].map(PeerConfig::video),
     )
     .await;
@@ -801,10 +793,8 @@ async fn sfu_switch_two_three_two_is_seamless() {
 async fn switch_two_three_two() {
     let mut cfg = test_config();
     cfg.mode_policy.p2p_return_delay = RETURN_DELAY;
-    let server = start_server_with(cfg).await;
-    let room = room_name("sfu-switch");
-    let since = Instant::now();
-    let mut members = join_members(server.addr, &room, ["a", "b"].map(PeerConfig::video)).await;
+    let (server, room, since, mut members) =
+        start_call(cfg, "sfu-switch", ["a", "b"].map(PeerConfig::video)).await;
 
     // Phase 1: p2p. Direct legs up, each renders the other directly, and
     // nothing comes through the server.
@@ -1368,10 +1358,12 @@ async fn sfu_garbage_on_the_media_port_harms_nobody() {
 /// RTP, RTCP, STUN and DTLS, plus STUN requests forged with a live leg's
 /// ufrag. Both streams must stay gapless and the junk must be counted.
 async fn garbage_on_the_media_port() {
-    let server = start_server_with(server_only_config()).await;
-    let room = room_name("sfu-hostile");
-    let since = Instant::now();
-    let mut members = join_members(server.addr, &room, ["a", "b"].map(PeerConfig::video)).await;
+    let (server, _, since, mut members) = start_call(
+        server_only_config(),
+        "sfu-hostile",
+        ["a", "b"].map(PeerConfig::video),
+    )
+    .await;
     let all: Vec<&Member> = members.iter().collect();
     wait_all_via_server_since(&all, since).await;
     let measured_from = next_counters(&all);
@@ -1533,12 +1525,9 @@ async fn many_departures() {
     // that the limit on signaling is not what this test measures.
     cfg.limits.rate_per_sec = 1000.0;
     cfg.limits.rate_burst = 1000.0;
-    let server = start_server_with(cfg).await;
-    let room = room_name("departures");
-    let since = Instant::now();
-    let members = join_members(
-        server.addr,
-        &room,
+    let (server, room, since, members) = start_call(
+        cfg,
+        "departures",
         ["a", "c"].map(|name| PeerConfig::video(name).with_audio()),
     )
     .await;
