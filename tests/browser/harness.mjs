@@ -358,3 +358,33 @@ export async function screenshot(page, fileName) {
 export function randomRoom(prefix = 'room') {
   return `${prefix}-${Math.random().toString(36).slice(2, 10)}`;
 }
+
+/**
+ * A call's fixtures: a server started with `server` (startServer's options)
+ * and one browser per name, both stopped after the test `t`; a new room
+ * named after `prefix`. `urlFor(name)` is a member's page (with `query`
+ * appended, e.g. '&relay=1'); `dumpLogs()` prints every browser's console
+ * and the server's output.
+ */
+export async function setUpCall(t, { names = ['alice', 'bob'], prefix, server: serverOptions, query = '' } = {}) {
+  const server = await startServer(serverOptions);
+  t.after(() => server.stop());
+  const browsers = [];
+  t.after(() => Promise.all(browsers.map((b) => b.close())));
+  browsers.push(...(await Promise.all(names.map((name) => launchBrowser(name)))));
+  const room = randomRoom(prefix);
+  const urlFor = (name) => `${server.url}/?room=${room}&name=${name}${query}`;
+  const dumpLogs = () => {
+    for (const b of browsers) console.log(b.logs.join('\n'));
+    console.log(`--- server output ---\n${server.output()}`);
+  };
+  return { server, browsers, room, urlFor, dumpLogs };
+}
+
+/** Saves each browser's page as `<prefix>-<label>.png`; a failed screenshot is logged, not thrown. */
+export async function screenshotAll(browsers, prefix) {
+  for (const { label, page } of browsers) {
+    await screenshot(page, `${prefix}-${label}.png`)
+      .catch((err) => console.log(`screenshot of ${label} failed: ${err.message}`));
+  }
+}

@@ -6,38 +6,10 @@
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import {
-  clientState,
-  firstRemoteFrameTime,
-  joinCall,
-  launchBrowser,
-  pollUntil,
-  randomRoom,
-  rtcSummary,
-  screenshot,
-  sleep,
-  startServer,
-  waitForBadge,
-} from './harness.mjs';
-
-/** Starts a server and one browser per name; everything is cleaned up after the test. */
-async function setUp(t, names) {
-  const server = await startServer();
-  t.after(() => server.stop());
-  const browsers = [];
-  t.after(() => Promise.all(browsers.map((b) => b.close())));
-  browsers.push(...(await Promise.all(names.map((name) => launchBrowser(name)))));
-  const room = randomRoom('p2p');
-  const urlFor = (name) => `${server.url}/?room=${room}&name=${name}`;
-  const dumpLogs = () => {
-    for (const b of browsers) console.log(b.logs.join('\n'));
-    console.log(`--- server output ---\n${server.output()}`);
-  };
-  return { server, browsers, urlFor, dumpLogs };
-}
+import { clientState, firstRemoteFrameTime, joinCall, pollUntil, rtcSummary, screenshotAll, setUpCall, sleep, waitForBadge } from './harness.mjs';
 
 test('two browsers call each other peer-to-peer', { timeout: 60_000 }, async (t) => {
-  const { server, browsers, urlFor, dumpLogs } = await setUp(t, ['alice', 'bob']);
+  const { server, browsers, urlFor, dumpLogs } = await setUpCall(t, { prefix: 'p2p' });
   const [alice, bob] = browsers;
 
   try {
@@ -118,15 +90,12 @@ test('two browsers call each other peer-to-peer', { timeout: 60_000 }, async (t)
     dumpLogs();
     throw err;
   } finally {
-    for (const { label, page } of browsers) {
-      await screenshot(page, `p2p-${label}.png`)
-        .catch((err) => console.log(`screenshot of ${label} failed: ${err.message}`));
-    }
+    await screenshotAll(browsers, 'p2p');
   }
 });
 
 test('mute shows on the other side; leave ends the call; rejoin reconnects', { timeout: 60_000 }, async (t) => {
-  const { browsers, urlFor, dumpLogs } = await setUp(t, ['alice', 'bob']);
+  const { browsers, urlFor, dumpLogs } = await setUpCall(t, { prefix: 'p2p' });
   const [alice, bob] = browsers;
 
   try {

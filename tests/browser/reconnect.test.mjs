@@ -8,18 +8,7 @@
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import {
-  clientState,
-  firstRemoteFrameTime,
-  joinCall,
-  launchBrowser,
-  pollUntil,
-  randomRoom,
-  rtcSummary,
-  sleep,
-  startServer,
-  within,
-} from './harness.mjs';
+import { clientState, firstRemoteFrameTime, joinCall, pollUntil, rtcSummary, setUpCall, sleep, startServer, within } from './harness.mjs';
 
 /** Frames decoded on the direct leg rise at both pages over `ms`. */
 async function bothDecoding(pages, ms = 1_000) {
@@ -31,13 +20,11 @@ async function bothDecoding(pages, ms = 1_000) {
 
 test('after the server is replaced, both browsers rejoin by themselves and talk again', { timeout: 90_000 }, async (t) => {
   // The old server drains for at most 1 s once told to stop.
-  const first = await startServer({ args: ['--drain-timeout-secs', '1'] });
-  t.after(() => first.stop());
-  const browsers = await Promise.all(['alice', 'bob'].map((name) => launchBrowser(name)));
-  t.after(() => Promise.all(browsers.map((b) => b.close())));
+  const { server: first, browsers, urlFor: url } = await setUpCall(t, {
+    prefix: 'reconnect',
+    server: { args: ['--drain-timeout-secs', '1'] },
+  });
   const [alice, bob] = browsers;
-  const room = randomRoom('reconnect');
-  const url = (name) => `${first.url}/?room=${room}&name=${name}`;
   let second = null;
   try {
     await joinCall(alice.page, url('alice'));

@@ -8,19 +8,7 @@
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import {
-  clientState,
-  firstRemoteFrameTime,
-  joinCall,
-  launchBrowser,
-  pollUntil,
-  randomRoom,
-  rtcSummary,
-  screenshot,
-  sleep,
-  startServer,
-  waitForBadge,
-} from './harness.mjs';
+import { clientState, firstRemoteFrameTime, joinCall, pollUntil, rtcSummary, screenshotAll, setUpCall, sleep, waitForBadge } from './harness.mjs';
 
 /** The relay port range the server is started with. */
 const RELAY_PORTS = [50000, 50999];
@@ -39,16 +27,13 @@ async function metrics(server) {
 }
 
 test('two relay-only browsers call through the embedded TURN server', { timeout: 90_000 }, async (t) => {
-  const server = await startServer({
-    args: ['--turn-allow-loopback', '--turn-relay-ports', RELAY_PORTS.join('-')],
+  const { server, browsers, urlFor, dumpLogs } = await setUpCall(t, {
+    prefix: 'relay',
+    server: { args: ['--turn-allow-loopback', '--turn-relay-ports', RELAY_PORTS.join('-')] },
+    query: '&relay=1',
   });
-  t.after(() => server.stop());
   assert.ok(server.turnPort, 'the server printed its STUN/TURN port');
-  const browsers = await Promise.all(['alice', 'bob'].map((name) => launchBrowser(name)));
-  t.after(() => Promise.all(browsers.map((b) => b.close())));
   const [alice, bob] = browsers;
-  const room = randomRoom('relay');
-  const urlFor = (name) => `${server.url}/?room=${room}&name=${name}&relay=1`;
 
   try {
     const aliceState = await joinCall(alice.page, urlFor('alice'));
@@ -125,13 +110,9 @@ test('two relay-only browsers call through the embedded TURN server', { timeout:
     assert.ok(relayedAfter - relayedBefore > 100, `the relay carries the call (${relayedAfter - relayedBefore} datagrams in 2 s)`);
     assert.ok(metricSum(text, 'confab_turn_allocations') >= 4, 'two allocations per browser at least (direct and server leg)');
   } catch (err) {
-    for (const b of browsers) console.log(b.logs.join('\n'));
-    console.log(`--- server output ---\n${server.output()}`);
+    dumpLogs();
     throw err;
   } finally {
-    for (const { label, page } of browsers) {
-      await screenshot(page, `relay-${label}.png`)
-        .catch((err) => console.log(`screenshot of ${label} failed: ${err.message}`));
-    }
+    await screenshotAll(browsers, 'relay');
   }
 });

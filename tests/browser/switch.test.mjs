@@ -8,18 +8,7 @@
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import {
-  clientState,
-  joinCall,
-  launchBrowser,
-  pollUntil,
-  randomRoom,
-  rtcSummary,
-  screenshot,
-  sleep,
-  startServer,
-  waitForBadge,
-} from './harness.mjs';
+import { clientState, joinCall, pollUntil, rtcSummary, screenshotAll, setUpCall, sleep, waitForBadge } from './harness.mjs';
 
 /** The room returns to peer-to-peer this long after the third member left. */
 const RETURN_DELAY_MS = 1_500;
@@ -145,15 +134,13 @@ function firstFrameAfter(samples, id, path, from) {
 }
 
 test('p2p → server when a third joins → p2p when it leaves, without frame gaps', { timeout: 120_000 }, async (t) => {
-  const server = await startServer({ args: ['--p2p-return-delay-ms', String(RETURN_DELAY_MS)] });
-  t.after(() => server.stop());
   const names = ['alice', 'bob', 'carol'];
-  const browsers = [];
-  t.after(() => Promise.all(browsers.map((b) => b.close())));
-  browsers.push(...(await Promise.all(names.map((name) => launchBrowser(name)))));
+  const { server, browsers, urlFor } = await setUpCall(t, {
+    names,
+    prefix: 'switch',
+    server: { args: ['--p2p-return-delay-ms', String(RETURN_DELAY_MS)] },
+  });
   const [alice, bob, carol] = browsers;
-  const room = randomRoom('switch');
-  const urlFor = (name) => `${server.url}/?room=${room}&name=${name}`;
   const ids = {};
   const nameOf = (id) => Object.keys(ids).find((n) => ids[n] === id) ?? id;
   const failures = [];
@@ -198,12 +185,7 @@ test('p2p → server when a third joins → p2p when it leaves, without frame ga
       assert.equal(await waitForBadge(page, 'via server', { timeoutMs: 5_000 }), 'via server');
     }
   };
-  const shots = async (phase, list) => {
-    for (const { label, page } of list) {
-      await screenshot(page, `switch-${phase}-${label}.png`)
-        .catch((err) => console.log(`screenshot of ${label} failed: ${err.message}`));
-    }
-  };
+  const shots = (phase, list) => screenshotAll(list, `switch-${phase}`);
 
   try {
     // --- phase 1: alice + bob, peer-to-peer -------------------------------

@@ -361,6 +361,24 @@ pub async fn http_request(
     (status, body)
 }
 
+/// `confab serve` on 127.0.0.1 with ephemeral HTTP, media and TURN ports,
+/// then `extra`; its stdout (where it prints its address) piped.
+pub fn serve_command(extra: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_confab"));
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--media-port",
+        "0",
+        "--turn-port",
+        "0",
+    ])
+    .args(extra)
+    .stdout(std::process::Stdio::piped());
+    cmd
+}
+
 /// A room id unique to the calling test.
 pub fn room_name(prefix: &str) -> String {
     format!("{prefix}-{:08x}", rand::random::<u32>())

@@ -12,27 +12,25 @@
 //! `/proc/<pid>`.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use confab::auth::{issue, Grants};
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use webrtc::media_stream::track_remote::TrackRemote;
 
 use crate::common::{
-    http_get, join, join_with, media_test_lock, metric_value, room_name, start_server_with,
-    test_config, Event, WsClient, PROTOCOL_VERSION, STEP,
+    http_get, join, metric_value, room_name, serve_command, start_server_with, test_config, Event,
+    TestServer, WsClient, PROTOCOL_VERSION, STEP,
+};
+use crate::harness::{
+    close_all, finish, join_member, join_member_with, join_members, offer_counts,
+    server_only_config, stream_pairs, wait_all_mode, wait_all_via_server, wait_left,
+    wait_offer_answered, Member, SETTLE,
 };
 use crate::lossy_proxy::{LossyProxy, Towards};
-use crate::rtc_peer::{
-    Path, PeerConfig, RtcPeer, SdpRewrite, SignalingHandle, Streamer, VIDEO_PAYLOAD_TYPE,
-};
+use crate::rtc_peer::{Path, PeerConfig, RtcPeer, SdpRewrite, VIDEO_PAYLOAD_TYPE};
 
-/// One packet per source this often.
-const INTERVAL: Duration = Duration::from_millis(20);
-/// RTP payload size.
-const PAYLOAD_LEN: usize = 1000;
-/// Bound on reaching a mode or a rendering state.
-const SETTLE: Duration = Duration::from_secs(10);
 /// The longest tolerated pause in a surviving stream.
 const MAX_GAP: Duration = Duration::from_millis(200);
 
@@ -40,87 +38,49 @@ const MAX_GAP: Duration = Duration::from_millis(200);
 // Harness
 // ---------------------------------------------------------------------------
 
-/// A member of the call.
-struct Member {
-    peer: RtcPeer,
-    sig: Option<SignalingHandle>,
-    id: String,
-    streamer: Option<Streamer>,
+/// Runs a media scenario alone (see `media_test_lock`) within 90 s.
+async fn run_scenario(what: &str, scenario: impl std::future::Future<Output = ()>) {
+    crate::harness::run_scenario(what, Duration::from_secs(90), scenario).await;
 }
 
-impl Member {
-    fn sig(&self) -> &SignalingHandle {
-        self.sig.as_ref().expect("signaling running")
-    }
-
-    fn tags(&self) -> Vec<u32> {
-        self.peer
-            .video()
-            .iter()
-            .chain(self.peer.audio().iter())
-            .map(|s| s.tag)
-            .collect()
-    }
-
-    async fn close(mut self) {
-        if let Some(s) = self.streamer.take() {
-            s.stop().await;
-        }
-        if let Some(sig) = self.sig.take() {
-            sig.stop().await;
-        }
-        self.peer.close().await;
-    }
+/// A relay for the server's media that passes everything until told to
+/// drop (see `LossyProxy::blackhole`); it keeps what it relays.
+async fn relay(server: &TestServer) -> LossyProxy {
+    LossyProxy::start_towards(
+        server.media_addr,
+        0.0,
+        1,
+        VIDEO_PAYLOAD_TYPE,
+        Towards::Client,
+    )
+    .await
 }
 
-/// Builds the client, joins `room` on the server at `addr`, starts
-/// signaling and streaming.
-async fn join_member(addr: SocketAddr, room: &str, config: PeerConfig) -> Member {
-    let msg = serde_json::json!({
-        "type": "join", "v": PROTOCOL_VERSION, "room": room, "name": config.name.clone()
-    });
-    join_member_with(addr, msg, config).await
-}
-
-/// [`join_member`] with the `join` message `msg` (a token, say).
-async fn join_member_with(addr: SocketAddr, msg: serde_json::Value, config: PeerConfig) -> Member {
-    let name = config.name.clone();
-    let peer = RtcPeer::new(config)
-        .await
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
-    let (ws, joined) = join_with(addr, msg).await;
-    let id = joined["participant_id"].as_str().unwrap().to_owned();
-    let (tx, rx) = ws.into_split();
-    let sig = peer.start_signaling(&joined, tx, rx);
-    let streamer = Some(peer.start_streaming(INTERVAL, PAYLOAD_LEN));
-    Member {
-        peer,
-        sig: Some(sig),
-        id,
-        streamer,
+/// a, b and c (each with `configure` applied to a video-only client) in
+/// `room`, c's server media through `c_via` when given; returned once
+/// they all render each other through the server.
+async fn join_abc(
+    server: &TestServer,
+    room: &str,
+    configure: impl Fn(PeerConfig) -> PeerConfig,
+    c_via: Option<&LossyProxy>,
+) -> Vec<Member> {
+    let mut c = configure(PeerConfig::video("c"));
+    if let Some(proxy) = c_via {
+        c = c.server_media_via(server.media_addr, proxy.addr);
     }
-}
-
-/// Waits until every member of `members` is in `sfu` and renders every
-/// other member's streams from the server.
-async fn wait_all_via_server(members: &[&Member]) {
-    for m in members {
-        m.peer
-            .wait_mode("sfu", 0, SETTLE)
-            .await
-            .unwrap_or_else(|e| panic!("{}: {e}", m.peer.name));
-    }
-    for r in members {
-        let tags: Vec<u32> = members
-            .iter()
-            .filter(|s| s.id != r.id)
-            .flat_map(|s| s.tags())
-            .collect();
-        r.peer
-            .wait_rendering(&tags, Path::Server, SETTLE)
-            .await
-            .unwrap_or_else(|e| panic!("{}: {e}", r.peer.name));
-    }
+    let members = join_members(
+        server.addr,
+        room,
+        [
+            configure(PeerConfig::video("a")),
+            configure(PeerConfig::video("b")),
+            c,
+        ],
+    )
+    .await;
+    wait_all_via_server(&members.iter().collect::<Vec<_>>()).await;
+    members
 }
 
 /// The longest pause between two packets rendered at any of `receivers`
@@ -133,38 +93,27 @@ fn max_gap(
     to: Instant,
 ) -> (Duration, String) {
     let mut worst = (Duration::ZERO, String::new());
-    for r in receivers {
-        for s in senders.iter().filter(|s| s.id != r.id) {
-            for tag in s.tags() {
-                let stream = r.peer.stream(tag).unwrap_or_else(|| {
-                    panic!("{} never got {}'s {tag:#x}", r.peer.name, s.peer.name)
-                });
-                let mut last = from;
-                for at in stream
-                    .rendered
-                    .iter()
-                    .map(|x| x.at)
-                    .filter(|at| *at >= from && *at <= to)
-                    .chain(std::iter::once(to))
-                {
-                    let gap = at.saturating_duration_since(last);
-                    if gap > worst.0 {
-                        worst = (gap, format!("{} <- {} {tag:#x}", r.peer.name, s.peer.name));
-                    }
-                    last = at;
-                }
+    for (r, s, tag) in stream_pairs(receivers, senders) {
+        let stream = r
+            .peer
+            .stream(tag)
+            .unwrap_or_else(|| panic!("{} never got {}'s {tag:#x}", r.name(), s.name()));
+        let mut last = from;
+        for at in stream
+            .rendered
+            .iter()
+            .map(|x| x.at)
+            .filter(|at| *at >= from && *at <= to)
+            .chain(std::iter::once(to))
+        {
+            let gap = at.saturating_duration_since(last);
+            if gap > worst.0 {
+                worst = (gap, format!("{} <- {} {tag:#x}", r.name(), s.name()));
             }
+            last = at;
         }
     }
     worst
-}
-
-/// Runs a media scenario alone (see `media_test_lock`) within 90 s.
-async fn run_scenario(what: &str, scenario: impl std::future::Future<Output = ()>) {
-    let _serial = media_test_lock().await;
-    tokio::time::timeout(Duration::from_secs(90), scenario)
-        .await
-        .unwrap_or_else(|_| panic!("the {what} did not finish within 90 s"));
 }
 
 /// A `confab serve` process on loopback with ephemeral ports, every room
@@ -176,22 +125,11 @@ struct Spawned {
 
 impl Spawned {
     fn start(extra: &[&str]) -> Spawned {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_confab"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--media-port",
-                "0",
-                "--turn-port",
-                "0",
-                "--never-p2p",
-            ])
+        let mut child = serve_command(&["--never-p2p"])
             .args(extra)
             .env("CONFAB_LOG", "warn")
             .env_remove("CONFAB_JWT_SECRET")
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("confab starts");
@@ -287,37 +225,13 @@ async fn media_only_death_fails_the_leg_within_15_s_and_keeps_the_member() {
 /// room (`server_leg` failed, to c too), retire c's tracks at a and b with
 /// a new offer, keep c in the room, and a and b must not notice.
 async fn media_only_death() {
-    let mut cfg = test_config();
-    cfg.mode_policy.never_p2p = true;
-    let server = start_server_with(cfg).await;
-    let proxy = LossyProxy::start_towards(
-        server.media_addr,
-        0.0,
-        1,
-        VIDEO_PAYLOAD_TYPE,
-        Towards::Client,
-    )
-    .await;
+    let server = start_server_with(server_only_config()).await;
+    let proxy = relay(&server).await;
     let room = room_name("fault-silent");
-    let members = vec![
-        join_member(server.addr, &room, PeerConfig::video("a").with_audio()).await,
-        join_member(server.addr, &room, PeerConfig::video("b").with_audio()).await,
-        join_member(
-            server.addr,
-            &room,
-            PeerConfig::video("c")
-                .with_audio()
-                .server_media_via(server.media_addr, proxy.addr),
-        )
-        .await,
-    ];
+    let members = join_abc(&server, &room, PeerConfig::with_audio, Some(&proxy)).await;
     let all: Vec<&Member> = members.iter().collect();
-    wait_all_via_server(&all).await;
     let (a, b, c) = (all[0], all[1], all[2]);
-    let offers_before: Vec<usize> = [a, b]
-        .iter()
-        .map(|m| m.sig().log().server_offers.len())
-        .collect();
+    let offers_before = offer_counts(&[a, b]);
     assert_eq!(server.metrics.legs.get(), 3);
 
     let dead_at = Instant::now();
@@ -333,7 +247,8 @@ async fn media_only_death() {
             .unwrap_or_else(|l| {
                 panic!(
                     "{}: no server_leg failed for c within 20 s: {:?}",
-                    m.peer.name, l.server_legs
+                    m.name(),
+                    l.server_legs
                 )
             });
         detected.push(log.server_leg_at(&c.id, "failed").unwrap() - dead_at);
@@ -354,12 +269,7 @@ async fn media_only_death() {
     );
     // a and b get an offer that retires c's sections, and answer it.
     for (m, before) in [a, b].iter().zip(&offers_before) {
-        m.sig()
-            .wait_log(STEP, |l| {
-                l.server_offers.len() > *before && l.server_answers_sent == l.server_offers.len()
-            })
-            .await
-            .unwrap_or_else(|_| panic!("{}: no offer after c's leg failed", m.peer.name));
+        wait_offer_answered(m, *before, "c's leg failed").await;
         let log = m.sig().log();
         let sdp = &log.server_offers.last().unwrap().1;
         let c_sections = sdp
@@ -370,9 +280,10 @@ async fn media_only_death() {
             })
             .count();
         assert_eq!(
-            c_sections, 0,
+            c_sections,
+            0,
             "{}: c's sections still active:\n{sdp}",
-            m.peer.name
+            m.name()
         );
     }
     // c is still a member: its signaling is alive.
@@ -382,7 +293,7 @@ async fn media_only_death() {
         assert!(
             !log.participants_left.iter().any(|(id, _, _)| *id == c.id),
             "{}: c was removed from the room",
-            m.peer.name
+            m.name()
         );
     }
     assert_eq!(server.metrics.participants.get(), 3);
@@ -396,10 +307,7 @@ async fn media_only_death() {
         detection, detected
     );
     drop(proxy);
-    for m in members {
-        m.close().await;
-    }
-    server.shutdown().await;
+    finish(members, server).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -418,19 +326,9 @@ async fn a_panic_in_one_legs_processing_ends_only_that_leg() {
 /// on, and a new member d joins and gets everyone's media.
 async fn panic_in_one_leg() {
     confab::media::sfu::test_hooks::arm();
-    let mut cfg = test_config();
-    cfg.mode_policy.never_p2p = true;
-    let server = start_server_with(cfg).await;
+    let server = start_server_with(server_only_config()).await;
     let room = room_name("fault-panic");
-    let mut members = vec![
-        join_member(server.addr, &room, PeerConfig::video("a")).await,
-        join_member(server.addr, &room, PeerConfig::video("b")).await,
-        join_member(server.addr, &room, PeerConfig::video("c")).await,
-    ];
-    {
-        let all: Vec<&Member> = members.iter().collect();
-        wait_all_via_server(&all).await;
-    }
+    let mut members = join_abc(&server, &room, |c| c, None).await;
     // The measured window starts 500 ms before the panic: streams must be
     // flowing by then.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -490,10 +388,7 @@ async fn panic_in_one_leg() {
         );
     }
     assert_eq!(server.metrics.legs.get(), 3);
-    for m in members {
-        m.close().await;
-    }
-    server.shutdown().await;
+    finish(members, server).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -514,46 +409,28 @@ async fn killed_participant_is_gone_within_1_s_and_resources_return_within_5_s()
 async fn killed_participant() {
     let server = Spawned::start(&[]);
     let room = room_name("fault-kill");
-    let mut members = Vec::new();
-    for name in ["a", "b", "c"] {
-        members.push(join_member(server.http, &room, PeerConfig::video(name).with_audio()).await);
-    }
-    {
-        let all: Vec<&Member> = members.iter().collect();
-        wait_all_via_server(&all).await;
-    }
+    let mut members = join_members(
+        server.http,
+        &room,
+        ["a", "b", "c"].map(|name| PeerConfig::video(name).with_audio()),
+    )
+    .await;
+    wait_all_via_server(&members.iter().collect::<Vec<_>>()).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let baseline = resources(&scrape(server.http).await);
     members.push(join_member(server.http, &room, PeerConfig::video("d").with_audio()).await);
-    {
-        let all: Vec<&Member> = members.iter().collect();
-        wait_all_via_server(&all).await;
-    }
+    wait_all_via_server(&members.iter().collect::<Vec<_>>()).await;
     let with_d = resources(&scrape(server.http).await);
     assert_eq!(with_d.legs, baseline.legs + 1);
 
     let mut d = members.pop().unwrap();
     let d_id = d.id.clone();
     let kill_at = Instant::now();
-    drop(d.streamer.take());
-    d.sig.take().unwrap().kill().await;
-    d.peer.close().await;
+    d.kill().await;
 
     let mut left_after = Vec::new();
     for m in &members {
-        let log = m
-            .sig()
-            .wait_log(STEP, |l| {
-                l.participants_left.iter().any(|(id, _, _)| *id == d_id)
-            })
-            .await
-            .unwrap_or_else(|_| panic!("{}: no participant_left for d", m.peer.name));
-        let at = log
-            .participants_left
-            .iter()
-            .find(|(id, _, _)| *id == d_id)
-            .unwrap()
-            .2;
+        let (_, at) = wait_left(m, &d_id, "d").await;
         left_after.push(at - kill_at);
     }
     let worst_left = *left_after.iter().max().unwrap();
@@ -577,9 +454,7 @@ async fn killed_participant() {
          resources back at the 3-member baseline {back:?} after it (baseline {baseline:?}, \
          with d {with_d:?}, after {after:?}); longest media gap of the others {gap:?} ({pair})"
     );
-    for m in members {
-        m.close().await;
-    }
+    close_all(members).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -787,17 +662,10 @@ async fn rtcp_abuse() {
     use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
     use rtc::rtcp::transport_feedbacks::transport_layer_nack::{NackPair, TransportLayerNack};
 
-    let mut cfg = test_config();
-    cfg.mode_policy.never_p2p = true;
-    let server = start_server_with(cfg).await;
+    let server = start_server_with(server_only_config()).await;
     let room = room_name("fault-rtcp");
-    let members = vec![
-        join_member(server.addr, &room, PeerConfig::video("a").with_audio()).await,
-        join_member(server.addr, &room, PeerConfig::video("b").with_audio()).await,
-        join_member(server.addr, &room, PeerConfig::video("c").with_audio()).await,
-    ];
+    let members = join_abc(&server, &room, PeerConfig::with_audio, None).await;
     let all: Vec<&Member> = members.iter().collect();
-    wait_all_via_server(&all).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (a, c) = (all[0], all[2]);
     let video = remote_track(&a.peer, &c.id, RtpCodecKind::Video).await;
@@ -928,10 +796,7 @@ async fn rtcp_abuse() {
         gap <= MAX_GAP,
         "{gap:?} without media ({pair}) during the PLI storm"
     );
-    for m in members {
-        m.close().await;
-    }
-    server.shutdown().await;
+    finish(members, server).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -952,36 +817,12 @@ async fn replayed_plain_and_unvalidated_rtp_is_never_forwarded() {
 /// (replay protection, authentication) and counted `srtp`, the rest
 /// `unroutable` (dropped before any leg, so before any decryption).
 async fn replay_and_plain() {
-    let mut cfg = test_config();
-    cfg.mode_policy.never_p2p = true;
-    let server = start_server_with(cfg).await;
-    let proxy = LossyProxy::start_towards(
-        server.media_addr,
-        0.0,
-        1,
-        VIDEO_PAYLOAD_TYPE,
-        Towards::Client,
-    )
-    .await;
+    let server = start_server_with(server_only_config()).await;
+    let proxy = relay(&server).await;
     let room = room_name("fault-replay");
-    let mut members = vec![
-        join_member(server.addr, &room, PeerConfig::video("a")).await,
-        join_member(server.addr, &room, PeerConfig::video("b")).await,
-        join_member(
-            server.addr,
-            &room,
-            PeerConfig::video("c").server_media_via(server.media_addr, proxy.addr),
-        )
-        .await,
-    ];
-    {
-        let all: Vec<&Member> = members.iter().collect();
-        wait_all_via_server(&all).await;
-    }
+    let mut members = join_abc(&server, &room, |c| c, Some(&proxy)).await;
     for m in members.iter_mut() {
-        if let Some(s) = m.streamer.take() {
-            s.stop().await;
-        }
+        m.stop_streaming().await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let c_tag = members[2].peer.video().unwrap().tag;
@@ -1071,15 +912,23 @@ async fn replay_and_plain() {
     );
     assert_eq!(server.metrics.legs.get(), 3, "c's leg survives");
     drop(proxy);
-    for m in members {
-        m.close().await;
-    }
-    server.shutdown().await;
+    finish(members, server).await;
 }
 
 // ---------------------------------------------------------------------------
 // 7. The publish grant
 // ---------------------------------------------------------------------------
+
+/// What the grant scenarios' server signs tokens with.
+const SECRET: &str = "faults-test-secret-faults-test-secret";
+
+/// A `join` of `room` as `name` with a token (10 minutes) granting `grants`.
+fn join_with_grants(room: &str, name: &str, grants: Grants) -> serde_json::Value {
+    let token = issue(SECRET, room, name, None, 600, grants);
+    serde_json::json!({
+        "type": "join", "v": PROTOCOL_VERSION, "room": room, "name": name, "token": token
+    })
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_publish_grant_nothing_is_forwarded() {
@@ -1093,28 +942,16 @@ async fn without_the_publish_grant_nothing_is_forwarded() {
 /// the server offers them `recvonly` today, so that is a no-op kept for
 /// the day it offers them `inactive`.)
 async fn publish_grant() {
-    use confab::auth::{issue, Grants};
-    const SECRET: &str = "faults-test-secret-faults-test-secret";
-    let mut cfg = test_config();
-    cfg.mode_policy.never_p2p = true;
+    let mut cfg = server_only_config();
     cfg.jwt_secret = Some(SECRET.to_owned());
     let server = start_server_with(cfg).await;
     let room = room_name("fault-grant");
     let msg = |name: &str, publish: bool| {
-        let token = issue(
-            SECRET,
-            &room,
-            name,
-            None,
-            600,
-            Grants {
-                publish,
-                ..Grants::default()
-            },
-        );
-        serde_json::json!({
-            "type": "join", "v": PROTOCOL_VERSION, "room": room, "name": name, "token": token
-        })
+        let grants = Grants {
+            publish,
+            ..Grants::default()
+        };
+        join_with_grants(&room, name, grants)
     };
     // The first two media sections (the publish slots) become recvonly.
     let mut hostile = PeerConfig::video("x").with_audio();
@@ -1147,7 +984,7 @@ async fn publish_grant() {
                 let log = y.sig().log();
                 panic!(
                     "y does not receive {}: {e}\nerrors {:?}\nlegs {:?}\n{}",
-                    r.peer.name,
+                    r.name(),
                     log.errors,
                     log.server_legs,
                     y.peer.timeline(log.joined_at.unwrap()).join("\n")
@@ -1167,9 +1004,11 @@ async fn publish_grant() {
             for tag in s.tags() {
                 let got = r.peer.stream(tag).map(|s| s.server.packets).unwrap_or(0);
                 assert_eq!(
-                    got, 0,
+                    got,
+                    0,
                     "{} received {got} packets of {}",
-                    r.peer.name, s.peer.name
+                    r.name(),
+                    s.name()
                 );
             }
         }
@@ -1198,10 +1037,7 @@ async fn publish_grant() {
     );
     assert!(written(y) > 50 && written(x) > 50, "x and y did stream");
     assert!(x_receives, "x receives a and b");
-    for m in members {
-        m.close().await;
-    }
-    server.shutdown().await;
+    finish(members, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1214,8 +1050,6 @@ async fn without_the_subscribe_grant_nothing_is_forwarded_to_it_and_the_pair_sta
 /// direct path would bypass the grant), the restricted member's media
 /// reaches the other, and nothing reaches the restricted member.
 async fn subscribe_grant() {
-    use confab::auth::{issue, Grants};
-    const SECRET: &str = "faults-test-secret-faults-test-secret";
     let mut cfg = test_config();
     cfg.jwt_secret = Some(SECRET.to_owned());
     let server = start_server_with(cfg).await;
@@ -1225,10 +1059,7 @@ async fn subscribe_grant() {
             subscribe,
             ..Grants::default()
         };
-        let token = issue(SECRET, &room, name, None, 600, grants);
-        serde_json::json!({
-            "type": "join", "v": PROTOCOL_VERSION, "room": room, "name": name, "token": token
-        })
+        join_with_grants(&room, name, grants)
     };
     let members = vec![
         join_member_with(server.addr, msg("a", true), PeerConfig::video("a")).await,
@@ -1240,12 +1071,7 @@ async fn subscribe_grant() {
         .await,
     ];
     let (a, s) = (&members[0], &members[1]);
-    for m in [a, s] {
-        m.peer
-            .wait_mode("sfu", 0, SETTLE)
-            .await
-            .unwrap_or_else(|e| panic!("{}: {e}", m.peer.name));
-    }
+    wait_all_mode(&[a, s], "sfu", a.joined_at).await;
     a.peer
         .wait_rendering(&s.tags(), Path::Server, SETTLE)
         .await
@@ -1260,7 +1086,7 @@ async fn subscribe_grant() {
                 .iter()
                 .all(|x| x.peer.is_none() && x.mode != "to_p2p"),
             "{}: a direct path was set up: {:?}",
-            m.peer.name,
+            m.name(),
             log.modes
                 .iter()
                 .map(|x| (x.mode.clone(), x.peer.clone()))
@@ -1291,10 +1117,7 @@ async fn subscribe_grant() {
         "media reached a member without the subscribe grant"
     );
     assert!(from_s > 50, "s still publishes to a");
-    for m in members {
-        m.close().await;
-    }
-    server.shutdown().await;
+    finish(members, server).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -1313,9 +1136,7 @@ async fn an_impaired_subscriber_recovers_and_harms_nobody() {
 /// c must render both a and b again within 2 s of its return.
 async fn impaired_network() {
     use crate::lossy_proxy::Network;
-    let mut cfg = test_config();
-    cfg.mode_policy.never_p2p = true;
-    let server = start_server_with(cfg).await;
+    let server = start_server_with(server_only_config()).await;
     let network = Network {
         burst_start: 0.01,
         burst_max: 6,
@@ -1333,20 +1154,8 @@ async fn impaired_network() {
     )
     .await;
     let room = room_name("fault-impaired");
-    let members = vec![
-        join_member(server.addr, &room, PeerConfig::video("a").with_audio()).await,
-        join_member(server.addr, &room, PeerConfig::video("b").with_audio()).await,
-        join_member(
-            server.addr,
-            &room,
-            PeerConfig::video("c")
-                .with_audio()
-                .server_media_via(server.media_addr, proxy.addr),
-        )
-        .await,
-    ];
+    let members = join_abc(&server, &room, PeerConfig::with_audio, Some(&proxy)).await;
     let all: Vec<&Member> = members.iter().collect();
-    wait_all_via_server(&all).await;
     let (a, b, c) = (all[0], all[1], all[2]);
     let started = Instant::now();
 
@@ -1439,8 +1248,5 @@ async fn impaired_network() {
         others_gap < MAX_GAP,
         "a and b saw a gap of {others_gap:?} ({on})"
     );
-    for m in members {
-        m.close().await;
-    }
-    server.shutdown().await;
+    finish(members, server).await;
 }

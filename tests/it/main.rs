@@ -9,6 +9,7 @@ mod admin;
 mod common;
 mod faults;
 mod fuzz;
+mod harness;
 mod load;
 mod lossy_proxy;
 mod p2p_media;

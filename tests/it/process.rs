@@ -38,19 +38,8 @@ impl Proc {
     /// Starts `confab serve` on ephemeral loopback ports with `extra` flags
     /// and waits for its start-up lines.
     async fn start(extra: &[&str], env: &[(&str, &str)]) -> Proc {
-        let mut cmd = confab();
-        cmd.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--media-port",
-            "0",
-            "--turn-port",
-            "0",
-        ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        let mut cmd = serve_command(extra);
+        cmd.env("CONFAB_LOG", "info").stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }

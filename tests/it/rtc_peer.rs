@@ -612,6 +612,21 @@ impl LegTrack {
     /// Writes one packet carrying `payload` as is (not a numbered packet:
     /// receivers record it as malformed), next in this leg's sequence.
     pub(crate) async fn write_raw(&self, payload: &[u8]) -> Result<(), String> {
+        self.write_packet(true, 0, Bytes::copy_from_slice(payload), &[])
+            .await
+            .map_err(|e| format!("{} raw write_rtp: {e}", self.source.track_id))
+    }
+
+    /// Writes `payload` with the source's payload type and this leg's SSRC,
+    /// next in this leg's sequence, with header `extensions` (those the
+    /// leg negotiated).
+    async fn write_packet(
+        &self,
+        marker: bool,
+        timestamp: u32,
+        payload: Bytes,
+        extensions: &[rtp::extension::HeaderExtension],
+    ) -> Result<(), webrtc::error::Error> {
         let sequence_number = {
             let mut seq = self.sequence.lock().unwrap();
             let out = *seq;
@@ -621,19 +636,22 @@ impl LegTrack {
         let packet = rtp::Packet {
             header: rtp::header::Header {
                 version: 2,
-                marker: true,
+                marker,
                 payload_type: self.source.payload_type,
                 sequence_number,
-                timestamp: 0,
+                timestamp,
                 ssrc: self.ssrc,
                 ..Default::default()
             },
-            payload: Bytes::copy_from_slice(payload),
+            payload,
         };
-        self.track
-            .write_rtp(packet)
-            .await
-            .map_err(|e| format!("{} raw write_rtp: {e}", self.source.track_id))
+        if extensions.is_empty() {
+            self.track.write_rtp(packet).await.map(|_| ())
+        } else {
+            self.track
+                .write_rtp_with_extensions(packet, extensions)
+                .await
+        }
     }
 
     /// Packets written on this leg (`write_rtp` returned `Ok`).
@@ -652,40 +670,24 @@ impl LegTrack {
         let keyframe = source.keyframes == KeyframePolicy::Always
             || self.first.swap(false, Ordering::Relaxed)
             || requested;
-        let sequence_number = {
-            let mut seq = self.sequence.lock().unwrap();
-            let out = *seq;
-            *seq = seq.wrapping_add(1);
-            out
-        };
-        let packet = rtp::Packet {
-            header: rtp::header::Header {
-                version: 2,
-                // One packet per frame: every video packet ends its frame.
-                marker: source.kind == RtpCodecKind::Video,
-                payload_type: source.payload_type,
-                sequence_number,
-                timestamp,
-                ssrc: self.ssrc,
-                ..Default::default()
-            },
-            payload: encode_payload(source.kind, keyframe, source.tag, counter, len),
-        };
+        // One packet per frame: every video packet ends its frame.
+        let marker = source.kind == RtpCodecKind::Video;
+        let payload = encode_payload(source.kind, keyframe, source.tag, counter, len);
         let level = source.audio_level.load(Ordering::Relaxed);
-        let written = if source.kind == RtpCodecKind::Audio && level != NO_AUDIO_LEVEL {
-            let extension = rtp::extension::HeaderExtension::AudioLevel(
-                rtp::extension::audio_level_extension::AudioLevelExtension {
-                    level: level & 0x7f,
-                    voice: level < 127,
-                },
-            );
-            self.track
-                .write_rtp_with_extensions(packet, &[extension])
-                .await
-        } else {
-            self.track.write_rtp(packet).await
-        };
-        written.map_err(|e| format!("{} write_rtp of counter {counter}: {e}", source.track_id))?;
+        let extensions: &[rtp::extension::HeaderExtension] =
+            if source.kind == RtpCodecKind::Audio && level != NO_AUDIO_LEVEL {
+                &[rtp::extension::HeaderExtension::AudioLevel(
+                    rtp::extension::audio_level_extension::AudioLevelExtension {
+                        level: level & 0x7f,
+                        voice: level < 127,
+                    },
+                )]
+            } else {
+                &[]
+            };
+        self.write_packet(marker, timestamp, payload, extensions)
+            .await
+            .map_err(|e| format!("{} write_rtp of counter {counter}: {e}", source.track_id))?;
         self.written.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -1483,24 +1485,27 @@ impl Leg {
             |what: &str, e: webrtc::error::Error| format!("[{}] {label} {what}: {e}", ctx.name);
 
         let mut media_engine = MediaEngine::default();
-        media_engine
-            .register_codec(
-                RTCRtpCodecParameters {
-                    rtp_codec: vp8_codec(),
-                    payload_type: VIDEO_PAYLOAD_TYPE,
-                },
-                RtpCodecKind::Video,
-            )
-            .map_err(|e| err("register VP8", e))?;
-        media_engine
-            .register_codec(
-                RTCRtpCodecParameters {
-                    rtp_codec: opus_codec(),
-                    payload_type: AUDIO_PAYLOAD_TYPE,
-                },
-                RtpCodecKind::Audio,
-            )
-            .map_err(|e| err("register Opus", e))?;
+        let mut register = |rtp_codec, payload_type, kind, what| {
+            let codec = RTCRtpCodecParameters {
+                rtp_codec,
+                payload_type,
+            };
+            media_engine
+                .register_codec(codec, kind)
+                .map_err(|e| err(what, e))
+        };
+        register(
+            vp8_codec(),
+            VIDEO_PAYLOAD_TYPE,
+            RtpCodecKind::Video,
+            "register VP8",
+        )?;
+        register(
+            opus_codec(),
+            AUDIO_PAYLOAD_TYPE,
+            RtpCodecKind::Audio,
+            "register Opus",
+        )?;
         // Audio levels for the server's speaker detection (browsers send
         // them too).
         media_engine
@@ -2073,36 +2078,24 @@ impl RtcPeer {
         Streamer { stop, task }
     }
 
+    /// What has been received so far (locked: keep it briefly).
+    fn inbox(&self) -> std::sync::MutexGuard<'_, InboxState> {
+        self.shared.ctx.inbox.state.lock().unwrap()
+    }
+
     /// Every remote stream as rendered so far.
     pub(crate) fn streams(&self) -> Vec<StreamView> {
-        self.shared
-            .ctx
-            .inbox
-            .state
-            .lock()
-            .unwrap()
-            .streams
-            .values()
-            .cloned()
-            .collect()
+        self.inbox().streams.values().cloned().collect()
     }
 
     /// The remote stream tagged `tag`.
     pub(crate) fn stream(&self, tag: u32) -> Option<StreamView> {
-        self.shared
-            .ctx
-            .inbox
-            .state
-            .lock()
-            .unwrap()
-            .streams
-            .get(&tag)
-            .cloned()
+        self.inbox().streams.get(&tag).cloned()
     }
 
     /// Every remote track of every leg and what arrived on it.
     pub(crate) fn received(&self) -> Vec<RemoteTrackRecord> {
-        self.shared.ctx.inbox.state.lock().unwrap().tracks.clone()
+        self.inbox().tracks.clone()
     }
 
     /// Remote tracks of `path` carrying `tag`.
@@ -2774,14 +2767,9 @@ impl Driver {
         let (Some(peer), Some(leg)) = (self.peer.clone(), self.shared.direct()) else {
             return;
         };
-        let offer = match leg.pc.create_offer(None).await {
-            Ok(offer) => offer,
-            Err(e) => return self.error(format!("create_offer: {e}")),
+        let Some(sdp) = self.set_local(&leg, SdpKind::Offer, "").await else {
+            return;
         };
-        if let Err(e) = leg.pc.set_local_description(offer.clone()).await {
-            return self.error(format!("set_local_description(offer): {e}"));
-        }
-        let sdp = local_sdp_or(&leg, offer).await;
         self.send(sender, json!({"type": "offer", "to": peer, "sdp": sdp}))
             .await;
         let mut log = self.log.lock().unwrap();
@@ -2836,22 +2824,16 @@ impl Driver {
             }
             self.log.lock().unwrap().rollbacks += 1;
         }
-        let offer = match RTCSessionDescription::offer(sdp.to_owned()) {
-            Ok(d) => d,
-            Err(e) => return self.error(format!("parse offer: {e}")),
-        };
-        if let Err(e) = leg.pc.set_remote_description(offer).await {
-            return self.error(format!("set_remote_description(offer): {e}"));
+        if !self
+            .set_remote(&leg, SdpKind::Offer, sdp.to_owned(), "")
+            .await
+        {
+            return;
         }
         self.flush_direct_candidates(&leg).await;
-        let answer = match leg.pc.create_answer(None).await {
-            Ok(d) => d,
-            Err(e) => return self.error(format!("create_answer: {e}")),
+        let Some(sdp) = self.set_local(&leg, SdpKind::Answer, "").await else {
+            return;
         };
-        if let Err(e) = leg.pc.set_local_description(answer.clone()).await {
-            return self.error(format!("set_local_description(answer): {e}"));
-        }
-        let sdp = local_sdp_or(&leg, answer).await;
         self.send(sender, json!({"type": "answer", "to": from, "sdp": sdp}))
             .await;
         self.log.lock().unwrap().answers_sent += 1;
@@ -2868,24 +2850,18 @@ impl Driver {
             Some(rewrite) => (rewrite.0)(sdp),
             None => sdp.to_owned(),
         };
-        let offer = match RTCSessionDescription::offer(sdp) {
-            Ok(d) => d,
-            Err(e) => return self.error(format!("server leg: parse offer: {e}")),
-        };
-        if let Err(e) = leg.pc.set_remote_description(offer).await {
-            return self.error(format!("server leg: set_remote_description(offer): {e}"));
+        if !self
+            .set_remote(&leg, SdpKind::Offer, sdp, "server leg: ")
+            .await
+        {
+            return;
         }
         while let Some(init) = self.pending_server.pop_front() {
             self.add_candidate(&leg, init).await;
         }
-        let answer = match leg.pc.create_answer(None).await {
-            Ok(d) => d,
-            Err(e) => return self.error(format!("server leg: create_answer: {e}")),
+        let Some(sdp) = self.set_local(&leg, SdpKind::Answer, "server leg: ").await else {
+            return;
         };
-        if let Err(e) = leg.pc.set_local_description(answer.clone()).await {
-            return self.error(format!("server leg: set_local_description(answer): {e}"));
-        }
-        let sdp = local_sdp_or(&leg, answer).await;
         self.send(sender, json!({"type": "answer", "to": SFU, "sdp": sdp}))
             .await;
         self.log.lock().unwrap().server_answers_sent += 1;
@@ -2915,14 +2891,57 @@ impl Driver {
         if leg.pc.pending_local_description().await.is_none() {
             return self.error(format!("answer from {from} without an outstanding offer"));
         }
-        let answer = match RTCSessionDescription::answer(sdp.to_owned()) {
-            Ok(d) => d,
-            Err(e) => return self.error(format!("parse answer: {e}")),
-        };
-        if let Err(e) = leg.pc.set_remote_description(answer).await {
-            return self.error(format!("set_remote_description(answer): {e}"));
+        if self
+            .set_remote(&leg, SdpKind::Answer, sdp.to_owned(), "")
+            .await
+        {
+            self.flush_direct_candidates(&leg).await;
         }
-        self.flush_direct_candidates(&leg).await;
+    }
+
+    /// Parses `sdp` as `kind` and sets it as `leg`'s remote description;
+    /// false, the error logged (prefixed `ctx`), if either fails.
+    async fn set_remote(&self, leg: &Leg, kind: SdpKind, sdp: String, ctx: &str) -> bool {
+        let name = kind.name();
+        let parsed = match kind {
+            SdpKind::Offer => RTCSessionDescription::offer(sdp),
+            SdpKind::Answer => RTCSessionDescription::answer(sdp),
+        };
+        let description = match parsed {
+            Ok(d) => d,
+            Err(e) => {
+                self.error(format!("{ctx}parse {name}: {e}"));
+                return false;
+            }
+        };
+        if let Err(e) = leg.pc.set_remote_description(description).await {
+            self.error(format!("{ctx}set_remote_description({name}): {e}"));
+            return false;
+        }
+        true
+    }
+
+    /// Creates our `kind` on `leg` and sets it as the local description;
+    /// its SDP (see [`local_sdp_or`]), or `None` with the error logged
+    /// (prefixed `ctx`).
+    async fn set_local(&self, leg: &Leg, kind: SdpKind, ctx: &str) -> Option<String> {
+        let name = kind.name();
+        let created = match kind {
+            SdpKind::Offer => leg.pc.create_offer(None).await,
+            SdpKind::Answer => leg.pc.create_answer(None).await,
+        };
+        let description = match created {
+            Ok(d) => d,
+            Err(e) => {
+                self.error(format!("{ctx}create_{name}: {e}"));
+                return None;
+            }
+        };
+        if let Err(e) = leg.pc.set_local_description(description.clone()).await {
+            self.error(format!("{ctx}set_local_description({name}): {e}"));
+            return None;
+        }
+        Some(local_sdp_or(leg, description).await)
     }
 
     async fn on_candidate(&mut self, message: &Value) {
@@ -3043,6 +3062,23 @@ impl Driver {
             json!({"type": "candidate", "to": to, "candidate": candidate}),
         )
         .await;
+    }
+}
+
+/// An offer or an answer.
+#[derive(Clone, Copy)]
+enum SdpKind {
+    Offer,
+    Answer,
+}
+
+impl SdpKind {
+    /// As SDP calls it (`create_offer`, `set_remote_description(answer)`).
+    fn name(self) -> &'static str {
+        match self {
+            SdpKind::Offer => "offer",
+            SdpKind::Answer => "answer",
+        }
     }
 }
 

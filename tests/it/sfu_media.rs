@@ -16,159 +16,42 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use confab::config::Config;
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use webrtc::peer_connection::RTCPeerConnectionState;
 
 use crate::common::{
-    eventually, join, media_test_lock, metric_value, room_name, start_server_with, test_config,
-    TestServer, STEP,
+    eventually, join, metric_value, room_name, start_server_with, test_config, TestServer, STEP,
 };
-use crate::lossy_proxy::{LossyProxy, Towards};
-use crate::rtc_peer::{
-    summarize_sdp, Path, PeerConfig, RtcPeer, SendReport, SignalingHandle, Streamer,
-    VIDEO_PAYLOAD_TYPE,
+use crate::harness::{
+    finish, history, join_member, join_members, offer_counts, server_only_config, start_call,
+    stream_pairs, wait_all_mode, wait_all_rendering_via_server, wait_all_via_server_since,
+    wait_left, wait_offer_answered, Member, INTERVAL, PAYLOAD_LEN, SETTLE,
 };
+use crate::lossy_proxy::{LossyProxy, ProxyStats, Towards};
+use crate::rtc_peer::{summarize_sdp, Path, PeerConfig, SignalingLog, VIDEO_PAYLOAD_TYPE};
 
-/// One packet per source this often (50 packets/s, a typical video frame rate).
-const INTERVAL: Duration = Duration::from_millis(20);
-/// RTP payload size.
-const PAYLOAD_LEN: usize = 1000;
 /// How long a measured stretch of streaming lasts.
 const MEASURE: Duration = Duration::from_secs(2);
 /// Time for the last packets to arrive after the senders stop.
 const DRAIN: Duration = Duration::from_millis(500);
-/// Bound on reaching a mode or a rendering state.
-const SETTLE: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------
 
-/// A member of the call: its client, its signaling driver and its sender.
-struct Member {
-    peer: RtcPeer,
-    sig: Option<SignalingHandle>,
-    id: String,
-    joined_at: Instant,
-    streamer: Option<Streamer>,
-    /// Reports of the stopped streamer, one per source (video first).
-    sent: Vec<SendReport>,
-}
-
-impl Member {
-    fn name(&self) -> &str {
-        &self.peer.name
-    }
-
-    fn sig(&self) -> &SignalingHandle {
-        self.sig.as_ref().expect("signaling running")
-    }
-
-    /// The tags of this member's sources (video first).
-    fn tags(&self) -> Vec<u32> {
-        self.peer
-            .video()
-            .iter()
-            .chain(self.peer.audio().iter())
-            .map(|s| s.tag)
-            .collect()
-    }
-
-    fn video_tag(&self) -> u32 {
-        self.peer.video().expect("a video source").tag
-    }
-
-    async fn stop_streaming(&mut self) {
-        if let Some(streamer) = self.streamer.take() {
-            self.sent = streamer.stop().await;
-        }
-    }
-
-    /// Counter after the last packet of the source tagged `tag`.
-    fn end_of(&self, tag: u32) -> u32 {
-        self.sent
-            .iter()
-            .find(|r| r.tag == tag)
-            .map(SendReport::end)
-            .unwrap_or_else(|| panic!("{}: no report for {tag:#010x}", self.name()))
-    }
-}
-
 /// Runs a media scenario alone (see `media_test_lock`) within 60 s.
 async fn run_scenario(what: &str, scenario: impl std::future::Future<Output = ()>) {
-    let _serial = media_test_lock().await;
-    tokio::time::timeout(Duration::from_secs(60), scenario)
-        .await
-        .unwrap_or_else(|_| panic!("the {what} did not finish within 60 s"));
+    crate::harness::run_scenario(what, Duration::from_secs(60), scenario).await;
 }
 
-/// Builds the client, joins, starts signaling and streaming.
-async fn join_member(server: &TestServer, room: &str, config: PeerConfig) -> Member {
-    let name = config.name.clone();
-    let peer = RtcPeer::new(config)
-        .await
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
-    let joined_at = Instant::now();
-    let (ws, joined) = join(server.addr, room, &name).await;
-    let id = joined["participant_id"].as_str().unwrap().to_owned();
-    let (tx, rx) = ws.into_split();
-    let sig = peer.start_signaling(&joined, tx, rx);
-    let streamer = peer.start_streaming(INTERVAL, PAYLOAD_LEN);
-    Member {
-        peer,
-        sig: Some(sig),
-        id,
-        joined_at,
-        streamer: Some(streamer),
-        sent: Vec::new(),
+/// Lets every member stream for `duration` more, stops every sender and
+/// waits [`DRAIN`] for the last packets.
+async fn stream_then_stop(members: &mut [Member], duration: Duration) {
+    tokio::time::sleep(duration).await;
+    for m in members.iter_mut() {
+        m.stop_streaming().await;
     }
-}
-
-/// Every member's timeline from `since`.
-fn history(members: &[&Member], since: Instant) -> String {
-    let mut out = String::new();
-    for m in members {
-        out.push_str(&format!("--- {} ({}) ---\n", m.name(), m.id));
-        for line in m.peer.timeline(since) {
-            out.push_str(&line);
-            out.push('\n');
-        }
-    }
-    out
-}
-
-/// A server with ephemeral ports on 127.0.0.1 (see `common::test_config`).
-fn config() -> Config {
-    test_config()
-}
-
-/// Waits until every member is in `mode`.
-async fn wait_all_mode(members: &[&Member], mode: &str, since: Instant) {
-    for m in members {
-        if let Err(e) = m.peer.wait_mode(mode, 0, SETTLE).await {
-            panic!(
-                "{e}\nmodes seen: {:?}\n{}",
-                m.sig().log().mode_names(),
-                history(members, since)
-            );
-        }
-    }
-}
-
-/// Waits until every member renders every other member's streams from the
-/// server.
-async fn wait_all_rendering_via_server(members: &[&Member], since: Instant) {
-    for r in members {
-        let tags: Vec<u32> = members
-            .iter()
-            .filter(|s| s.id != r.id)
-            .flat_map(|s| s.tags())
-            .collect();
-        if let Err(e) = r.peer.wait_rendering(&tags, Path::Server, SETTLE).await {
-            panic!("{e}\n{}", history(members, since));
-        }
-    }
+    tokio::time::sleep(DRAIN).await;
 }
 
 /// The counters each sender will write next, by tag.
@@ -221,85 +104,81 @@ fn check_streams(
         .collect();
     let members = members.as_slice();
     let mut figures = Figures::default();
-    for r in receivers {
-        for s in senders.iter().filter(|s| s.id != r.id) {
-            for tag in s.tags() {
-                let stream = r.peer.stream(tag).unwrap_or_else(|| {
-                    panic!(
-                        "{} never received {}'s stream {tag:#010x}\n{}",
-                        r.name(),
-                        s.name(),
-                        history(members, since)
-                    )
-                });
+    for (r, s, tag) in stream_pairs(receivers, senders) {
+        let stream = r.peer.stream(tag).unwrap_or_else(|| {
+            panic!(
+                "{} never received {}'s stream {tag:#010x}\n{}",
+                r.name(),
+                s.name(),
+                history(members, since)
+            )
+        });
+        assert_eq!(
+            stream.member.as_deref(),
+            Some(s.id.as_str()),
+            "{}: {}'s stream is attributed to another member",
+            r.name(),
+            s.name()
+        );
+        let window = from[&tag]..s.end_of(tag);
+        if let Err(e) = stream.check_continuous(window.clone()) {
+            panic!(
+                "{} <- {}: {e}\n{}",
+                r.name(),
+                s.name(),
+                history(members, since)
+            );
+        }
+        for record in r
+            .peer
+            .received()
+            .iter()
+            .filter(|t| t.packets.first().is_some_and(|p| p.tag == tag))
+        {
+            if let Err(e) = record.check_clean(tag) {
+                panic!("{} <- {}: {e}", r.name(), s.name());
+            }
+            assert!(
+                record.holes().is_empty(),
+                "{} <- {} ({:?} path): lost {:?}",
+                r.name(),
+                s.name(),
+                record.path,
+                record.holes()
+            );
+            let source = if record.kind == RtpCodecKind::Video {
+                s.peer.video().unwrap()
+            } else {
+                s.peer.audio().unwrap()
+            };
+            assert!(
+                record
+                    .packets
+                    .iter()
+                    .all(|p| p.payload_type == source.payload_type
+                        && p.payload_len == PAYLOAD_LEN
+                        && p.ssrc == record.packets[0].ssrc),
+                "{} <- {} ({:?} path): payload type, size or SSRC changed in transit",
+                r.name(),
+                s.name(),
+                record.path
+            );
+            if record.path == Path::Server {
                 assert_eq!(
-                    stream.member.as_deref(),
+                    record.member.as_deref(),
                     Some(s.id.as_str()),
-                    "{}: {}'s stream is attributed to another member",
+                    "{}: server track {} has msid stream {:?}, carries {}'s packets",
                     r.name(),
+                    record.track_id,
+                    record.stream_id,
                     s.name()
                 );
-                let window = from[&tag]..s.end_of(tag);
-                if let Err(e) = stream.check_continuous(window.clone()) {
-                    panic!(
-                        "{} <- {}: {e}\n{}",
-                        r.name(),
-                        s.name(),
-                        history(members, since)
-                    );
-                }
-                for record in r
-                    .peer
-                    .received()
-                    .iter()
-                    .filter(|t| t.packets.first().is_some_and(|p| p.tag == tag))
-                {
-                    if let Err(e) = record.check_clean(tag) {
-                        panic!("{} <- {}: {e}", r.name(), s.name());
-                    }
-                    assert!(
-                        record.holes().is_empty(),
-                        "{} <- {} ({:?} path): lost {:?}",
-                        r.name(),
-                        s.name(),
-                        record.path,
-                        record.holes()
-                    );
-                    let source = if record.kind == RtpCodecKind::Video {
-                        s.peer.video().unwrap()
-                    } else {
-                        s.peer.audio().unwrap()
-                    };
-                    assert!(
-                        record
-                            .packets
-                            .iter()
-                            .all(|p| p.payload_type == source.payload_type
-                                && p.payload_len == PAYLOAD_LEN
-                                && p.ssrc == record.packets[0].ssrc),
-                        "{} <- {} ({:?} path): payload type, size or SSRC changed in transit",
-                        r.name(),
-                        s.name(),
-                        record.path
-                    );
-                    if record.path == Path::Server {
-                        assert_eq!(
-                            record.member.as_deref(),
-                            Some(s.id.as_str()),
-                            "{}: server track {} has msid stream {:?}, carries {}'s packets",
-                            r.name(),
-                            record.track_id,
-                            record.stream_id,
-                            s.name()
-                        );
-                    }
-                }
-                figures.pairs += 1;
-                figures.rendered += window.len();
-                figures.via_server += stream.server.packets;
-                figures.late += stream.late;
             }
         }
+        figures.pairs += 1;
+        figures.rendered += window.len();
+        figures.via_server += stream.server.packets;
+        figures.late += stream.late;
     }
     figures
 }
@@ -430,6 +309,27 @@ fn offset_ms(at: Instant, since: Instant) -> f64 {
     }
 }
 
+/// When `log` last recorded `mode`.
+fn last_mode_at(log: &SignalingLog, mode: &str) -> Instant {
+    log.modes
+        .iter()
+        .rev()
+        .find(|m| m.mode == mode)
+        .unwrap_or_else(|| panic!("no mode {mode}"))
+        .at
+}
+
+/// The selected candidate pair of `m`'s direct leg.
+async fn direct_pair(m: &Member) -> crate::rtc_peer::SelectedPair {
+    m.peer
+        .direct_leg()
+        .unwrap()
+        .selected_pair()
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 /// `GET /metrics`, parsed by `prometheus-parse`.
 async fn scrape_metrics(addr: std::net::SocketAddr) -> prometheus_parse::Scrape {
     let (status, body) = crate::common::http_get(addr, "/metrics").await;
@@ -485,17 +385,6 @@ fn server_counters(server: &TestServer) -> (Option<f64>, Option<f64>) {
     )
 }
 
-async fn finish(members: Vec<Member>, server: TestServer) {
-    for mut m in members {
-        m.stop_streaming().await;
-        if let Some(sig) = m.sig.take() {
-            sig.stop().await;
-        }
-        m.peer.close().await;
-    }
-    server.shutdown().await;
-}
-
 // ---------------------------------------------------------------------------
 // Every member receives every other member through the server
 // ---------------------------------------------------------------------------
@@ -514,17 +403,15 @@ async fn sfu_five_members_receive_every_stream_through_the_server() {
 /// the server when the third arrives), then stream for [`MEASURE`]; with
 /// `audio`, each also sends Opus.
 async fn mesh(n: usize, audio: bool) {
-    let server = start_server_with(config()).await;
-    let room = room_name("sfu-mesh");
-    let since = Instant::now();
-    let mut members = Vec::new();
-    for i in 0..n {
-        let mut cfg = PeerConfig::video(&format!("m{i}"));
+    let configs = (0..n).map(|i| {
+        let cfg = PeerConfig::video(&format!("m{i}"));
         if audio {
-            cfg = cfg.with_audio();
+            cfg.with_audio()
+        } else {
+            cfg
         }
-        members.push(join_member(&server, &room, cfg).await);
-    }
+    });
+    let (server, _, since, mut members) = start_call(test_config(), "sfu-mesh", configs).await;
     let all: Vec<&Member> = members.iter().collect();
     wait_all_mode(&all, "sfu", since).await;
     for m in &all {
@@ -535,11 +422,7 @@ async fn mesh(n: usize, audio: bool) {
     wait_all_rendering_via_server(&all, since).await;
     let measured_from = next_counters(&all);
     let measure_start = Instant::now();
-    tokio::time::sleep(MEASURE).await;
-    for m in members.iter_mut() {
-        m.stop_streaming().await;
-    }
-    tokio::time::sleep(DRAIN).await;
+    stream_then_stop(&mut members, MEASURE).await;
     let all: Vec<&Member> = members.iter().collect();
 
     let figures = check_pairs(&all, &measured_from, since);
@@ -634,20 +517,16 @@ async fn sfu_every_server_offer_is_ice_lite_with_host_candidates_and_end_of_cand
 /// and re-offers for joins and a leave; each one must be ICE-lite with the
 /// server's host candidates and `a=end-of-candidates` ("The server leg", 1).
 async fn every_offer() {
-    let server = start_server_with(config()).await;
-    let room = room_name("sfu-offers");
-    let since = Instant::now();
-    let mut members = Vec::new();
-    for name in ["a", "b", "c"] {
-        members.push(join_member(&server, &room, PeerConfig::video(name)).await);
-    }
+    let (server, _, since, mut members) = start_call(
+        test_config(),
+        "sfu-offers",
+        ["a", "b", "c"].map(PeerConfig::video),
+    )
+    .await;
     wait_all_mode(&members.iter().collect::<Vec<_>>(), "sfu", since).await;
     let mut c = members.pop().unwrap();
     c.stop_streaming().await;
-    let offers_before: Vec<usize> = members
-        .iter()
-        .map(|m| m.sig().log().server_offers.len())
-        .collect();
+    let offers_before = offer_counts(&members.iter().collect::<Vec<_>>());
     c.sig().leave();
     for (m, before) in members.iter().zip(&offers_before) {
         m.sig()
@@ -679,10 +558,7 @@ async fn every_offer() {
         problems.join("\n")
     );
     println!("server offers: {checked} checked (first offers and re-offers), all ICE-lite with host candidates and a=end-of-candidates");
-    if let Some(sig) = c.sig.take() {
-        sig.stop().await;
-    }
-    c.peer.close().await;
+    members.push(c);
     finish(members, server).await;
 }
 
@@ -701,31 +577,19 @@ async fn sfu_late_joiner_gets_every_stream_after_a_keyframe_request() {
 /// start every stream on that key frame, and nobody else's streams may
 /// notice the renegotiation.
 async fn late_joiner() {
-    let server = start_server_with(config()).await;
-    let room = room_name("sfu-late");
-    let since = Instant::now();
-    let mut members = Vec::new();
-    for name in ["a", "b", "c"] {
-        members.push(
-            join_member(
-                &server,
-                &room,
-                PeerConfig::video(name).keyframes_on_request(),
-            )
-            .await,
-        );
-    }
-    {
-        let all: Vec<&Member> = members.iter().collect();
-        wait_all_mode(&all, "sfu", since).await;
-        wait_all_rendering_via_server(&all, since).await;
-    }
+    let (server, room, since, mut members) = start_call(
+        test_config(),
+        "sfu-late",
+        ["a", "b", "c"].map(|name| PeerConfig::video(name).keyframes_on_request()),
+    )
+    .await;
+    wait_all_via_server_since(&members.iter().collect::<Vec<_>>(), since).await;
     let before_join = next_counters(&members.iter().collect::<Vec<_>>());
 
     let join_at = Instant::now();
     members.push(
         join_member(
-            &server,
+            server.addr,
             &room,
             PeerConfig::video("d").keyframes_on_request(),
         )
@@ -743,11 +607,7 @@ async fn late_joiner() {
     wait_all_rendering_via_server(&all, since).await;
     let everyone_at_d = Instant::now();
     let measured_from = next_counters(&all);
-    tokio::time::sleep(MEASURE).await;
-    for m in members.iter_mut() {
-        m.stop_streaming().await;
-    }
-    tokio::time::sleep(DRAIN).await;
+    stream_then_stop(&mut members, MEASURE).await;
     let all: Vec<&Member> = members.iter().collect();
     let d = all[3];
 
@@ -845,18 +705,13 @@ async fn sfu_killed_member_leaves_and_the_rest_continue_without_loss() {
 /// `participant_left` within 1 s, get a renegotiation that retires its
 /// sections, and keep receiving each other without a single lost packet.
 async fn killed_member() {
-    let server = start_server_with(config()).await;
-    let room = room_name("sfu-kill");
-    let since = Instant::now();
-    let mut members = Vec::new();
-    for name in ["a", "b", "c", "d"] {
-        members.push(join_member(&server, &room, PeerConfig::video(name)).await);
-    }
-    {
-        let all: Vec<&Member> = members.iter().collect();
-        wait_all_mode(&all, "sfu", since).await;
-        wait_all_rendering_via_server(&all, since).await;
-    }
+    let (server, _, since, mut members) = start_call(
+        test_config(),
+        "sfu-kill",
+        ["a", "b", "c", "d"].map(PeerConfig::video),
+    )
+    .await;
+    wait_all_via_server_since(&members.iter().collect::<Vec<_>>(), since).await;
     let survivors_from = next_counters(&members[..3].iter().collect::<Vec<_>>());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -864,38 +719,13 @@ async fn killed_member() {
     // close, nothing is said.
     let mut d = members.pop().unwrap();
     let d_id = d.id.clone();
-    let offers_before: Vec<usize> = members
-        .iter()
-        .map(|m| m.sig().log().server_offers.len())
-        .collect();
+    let offers_before = offer_counts(&members.iter().collect::<Vec<_>>());
     let kill_at = Instant::now();
-    if let Some(streamer) = d.streamer.take() {
-        drop(streamer);
-    }
-    d.sig.take().unwrap().kill().await;
-    d.peer.close().await;
+    d.kill().await;
 
     let mut left_after = Vec::new();
     for m in &members {
-        let log = m
-            .sig()
-            .wait_log(STEP, |l| {
-                l.participants_left.iter().any(|(id, _, _)| *id == d_id)
-            })
-            .await
-            .unwrap_or_else(|l| {
-                panic!(
-                    "{}: no participant_left for d: {:?}",
-                    m.name(),
-                    l.participants_left
-                )
-            });
-        let (_, reason, at) = log
-            .participants_left
-            .iter()
-            .find(|(id, _, _)| *id == d_id)
-            .unwrap()
-            .clone();
+        let (reason, at) = wait_left(m, &d_id, "d").await;
         let after = at - kill_at;
         assert!(
             after <= Duration::from_secs(1),
@@ -912,26 +742,10 @@ async fn killed_member() {
     }
     // The server retires d's sections with a new offer to each survivor.
     for (m, before) in members.iter().zip(&offers_before) {
-        m.sig()
-            .wait_log(STEP, |l| {
-                l.server_offers.len() > *before && l.server_answers_sent == l.server_offers.len()
-            })
-            .await
-            .unwrap_or_else(|l| {
-                panic!(
-                    "{}: no new server offer after d left ({} offers, {} answers)",
-                    m.name(),
-                    l.server_offers.len(),
-                    l.server_answers_sent
-                )
-            });
+        wait_offer_answered(m, *before, "d left").await;
     }
 
-    tokio::time::sleep(MEASURE).await;
-    for m in members.iter_mut() {
-        m.stop_streaming().await;
-    }
-    tokio::time::sleep(DRAIN).await;
+    stream_then_stop(&mut members, MEASURE).await;
     let survivors: Vec<&Member> = members.iter().collect();
     let figures = check_pairs(&survivors, &survivors_from, since);
     for m in &survivors {
@@ -977,15 +791,10 @@ async fn sfu_switch_two_three_two_is_seamless() {
 /// the return delay A and B go back to peer-to-peer (to_p2p, then p2p).
 /// Every stream is rendered gapless across both switches.
 async fn switch_two_three_two() {
-    let mut cfg = config();
+    let mut cfg = test_config();
     cfg.mode_policy.p2p_return_delay = RETURN_DELAY;
-    let server = start_server_with(cfg).await;
-    let room = room_name("sfu-switch");
-    let since = Instant::now();
-    let mut members = vec![
-        join_member(&server, &room, PeerConfig::video("a")).await,
-        join_member(&server, &room, PeerConfig::video("b")).await,
-    ];
+    let (server, room, since, mut members) =
+        start_call(cfg, "sfu-switch", ["a", "b"].map(PeerConfig::video)).await;
 
     // Phase 1: p2p. Direct legs up, each renders the other directly, and
     // nothing comes through the server.
@@ -1028,10 +837,9 @@ async fn switch_two_three_two() {
 
     // Phase 2: c joins; a and b move to the server make-before-break.
     let c_join_at = Instant::now();
-    members.push(join_member(&server, &room, PeerConfig::video("c")).await);
+    members.push(join_member(server.addr, &room, PeerConfig::video("c")).await);
     let all: Vec<&Member> = members.iter().collect();
-    wait_all_mode(&all, "sfu", since).await;
-    wait_all_rendering_via_server(&all, since).await;
+    wait_all_via_server_since(&all, since).await;
     let (a, b, c) = (all[0], all[1], all[2]);
     for m in [a, b] {
         let log = m.sig().log();
@@ -1090,11 +898,7 @@ async fn switch_two_three_two() {
             panic!("{e}\n{}", history(&[a, b], since));
         }
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for m in members.iter_mut() {
-        m.stop_streaming().await;
-    }
-    tokio::time::sleep(DRAIN).await;
+    stream_then_stop(&mut members, Duration::from_millis(500)).await;
     let all: Vec<&Member> = members.iter().collect();
     let (a, b) = (all[0], all[1]);
 
@@ -1146,13 +950,7 @@ async fn switch_two_three_two() {
         }
         // Back in p2p the sender stopped using its server leg.
         let s_log = s.sig().log();
-        let p2p_again = s_log
-            .modes
-            .iter()
-            .rev()
-            .find(|m| m.mode == "p2p")
-            .unwrap()
-            .at;
+        let p2p_again = last_mode_at(&s_log, "p2p");
         let late_server = s
             .peer
             .video()
@@ -1196,13 +994,7 @@ async fn switch_two_three_two() {
             r.name(),
             to_p2p.at - left_at
         );
-        let p2p_at = r_log
-            .modes
-            .iter()
-            .rev()
-            .find(|m| m.mode == "p2p")
-            .unwrap()
-            .at;
+        let p2p_at = last_mode_at(&r_log, "p2p");
         switch_times.push((to_p2p.at - left_at, p2p_at - to_p2p.at));
         assert!(r_log.errors.is_empty(), "{}: {:?}", r.name(), r_log.errors);
     }
@@ -1220,22 +1012,7 @@ async fn switch_two_three_two() {
         assert!(of_c.gaps.is_empty(), "{} <- c: {:?}", s.name(), of_c.gaps);
         assert!(of_c.last_rendered().unwrap() + 1 >= c_from[&c.video_tag()]);
     }
-    let pair_a = a
-        .peer
-        .direct_leg()
-        .unwrap()
-        .selected_pair()
-        .await
-        .unwrap()
-        .unwrap();
-    let pair_b = b
-        .peer
-        .direct_leg()
-        .unwrap()
-        .selected_pair()
-        .await
-        .unwrap()
-        .unwrap();
+    let (pair_a, pair_b) = (direct_pair(a).await, direct_pair(b).await);
     assert_eq!(pair_a.remote, pair_b.local, "direct again");
 
     // What an operator sees: the server's /metrics, scraped over HTTP and
@@ -1299,10 +1076,7 @@ async fn switch_two_three_two() {
         pair_a.local,
         pair_a.remote,
     );
-    if let Some(sig) = c.sig.take() {
-        sig.stop().await;
-    }
-    c.peer.close().await;
+    members.push(c);
     finish(members, server).await;
 }
 
@@ -1321,25 +1095,38 @@ const SEED: u64 = 0x0c0f_fab5;
 async fn three_with_c_behind_a_relay(
     towards: Towards,
 ) -> (TestServer, LossyProxy, Vec<Member>, Instant) {
-    let server = start_server_with(config()).await;
+    let server = start_server_with(test_config()).await;
     let proxy =
         LossyProxy::start_towards(server.media_addr, LOSS, SEED, VIDEO_PAYLOAD_TYPE, towards).await;
     let room = room_name("sfu-nack");
     let since = Instant::now();
-    let members = vec![
-        join_member(&server, &room, PeerConfig::video("a")).await,
-        join_member(&server, &room, PeerConfig::video("b")).await,
-        join_member(
-            &server,
-            &room,
-            PeerConfig::video("c").server_media_via(server.media_addr, proxy.addr),
-        )
-        .await,
+    let configs = [
+        PeerConfig::video("a"),
+        PeerConfig::video("b"),
+        PeerConfig::video("c").server_media_via(server.media_addr, proxy.addr),
     ];
-    let all: Vec<&Member> = members.iter().collect();
-    wait_all_mode(&all, "sfu", since).await;
-    wait_all_rendering_via_server(&all, since).await;
+    let members = join_members(server.addr, &room, configs).await;
+    wait_all_via_server_since(&members.iter().collect::<Vec<_>>(), since).await;
     (server, proxy, members, since)
+}
+
+/// Arms `proxy` for [`MEASURE`] and a second, then lets the last drops be
+/// retransmitted and stops every sender (see [`stream_then_stop`]); the
+/// relay must have dropped at least 5 packets.
+async fn lossy_stretch(proxy: &LossyProxy, members: &mut [Member]) -> ProxyStats {
+    proxy.arm(true);
+    tokio::time::sleep(MEASURE + Duration::from_secs(1)).await;
+    proxy.arm(false);
+    // The last drops' retransmissions.
+    stream_then_stop(members, Duration::from_millis(500)).await;
+    let stats = proxy.stats();
+    assert!(
+        stats.dropped.len() >= 5,
+        "the relay dropped only {} of {} packets",
+        stats.dropped.len(),
+        stats.rtp_armed
+    );
+    stats
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1368,24 +1155,9 @@ async fn nack_recovery() {
     );
 
     let from = next_counters(&all);
-    proxy.arm(true);
-    tokio::time::sleep(MEASURE + Duration::from_secs(1)).await;
-    proxy.arm(false);
-    // The last drops' retransmissions.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for m in members.iter_mut() {
-        m.stop_streaming().await;
-    }
-    tokio::time::sleep(DRAIN).await;
+    let stats = lossy_stretch(&proxy, &mut members).await;
     let all: Vec<&Member> = members.iter().collect();
     let (a, b, c) = (all[0], all[1], all[2]);
-    let stats = proxy.stats();
-    assert!(
-        stats.dropped.len() >= 5,
-        "the relay dropped only {} of {} packets",
-        stats.dropped.len(),
-        stats.rtp_armed
-    );
 
     let mut recovery = Vec::new();
     let mut duplicates = 0;
@@ -1494,23 +1266,9 @@ async fn upstream_nack_recovery() {
     let (server, proxy, mut members, _) = three_with_c_behind_a_relay(Towards::Server).await;
     let all: Vec<&Member> = members.iter().collect();
     let from = next_counters(&all);
-    proxy.arm(true);
-    tokio::time::sleep(MEASURE + Duration::from_secs(1)).await;
-    proxy.arm(false);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for m in members.iter_mut() {
-        m.stop_streaming().await;
-    }
-    tokio::time::sleep(DRAIN).await;
+    let stats = lossy_stretch(&proxy, &mut members).await;
     let all: Vec<&Member> = members.iter().collect();
     let (a, b, c) = (all[0], all[1], all[2]);
-    let stats = proxy.stats();
-    assert!(
-        stats.dropped.len() >= 5,
-        "the relay dropped only {} of {} packets",
-        stats.dropped.len(),
-        stats.rtp_armed
-    );
     let tag = c.video_tag();
     let window = from[&tag]..c.end_of(tag);
     for r in [a, b] {
@@ -1600,18 +1358,14 @@ async fn sfu_garbage_on_the_media_port_harms_nobody() {
 /// RTP, RTCP, STUN and DTLS, plus STUN requests forged with a live leg's
 /// ufrag. Both streams must stay gapless and the junk must be counted.
 async fn garbage_on_the_media_port() {
-    let mut cfg = config();
-    cfg.mode_policy.never_p2p = true;
-    let server = start_server_with(cfg).await;
-    let room = room_name("sfu-hostile");
-    let since = Instant::now();
-    let mut members = vec![
-        join_member(&server, &room, PeerConfig::video("a")).await,
-        join_member(&server, &room, PeerConfig::video("b")).await,
-    ];
+    let (server, _, since, mut members) = start_call(
+        server_only_config(),
+        "sfu-hostile",
+        ["a", "b"].map(PeerConfig::video),
+    )
+    .await;
     let all: Vec<&Member> = members.iter().collect();
-    wait_all_mode(&all, "sfu", since).await;
-    wait_all_rendering_via_server(&all, since).await;
+    wait_all_via_server_since(&all, since).await;
     let measured_from = next_counters(&all);
     let victim_offer = all[0].sig().log().server_offers[0].1.clone();
     let victim_ufrag = victim_offer
@@ -1644,11 +1398,7 @@ async fn garbage_on_the_media_port() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    tokio::time::sleep(MEASURE).await;
-    for m in members.iter_mut() {
-        m.stop_streaming().await;
-    }
-    tokio::time::sleep(DRAIN).await;
+    stream_then_stop(&mut members, MEASURE).await;
     let all: Vec<&Member> = members.iter().collect();
     let figures = check_pairs(&all, &measured_from, since);
     for m in &all {
@@ -1697,22 +1447,19 @@ async fn sfu_rooms_never_receive_each_others_media() {
 /// port, one SFU task): every member receives its room-mate's stream and
 /// nothing with another room's tag, on any track of any leg.
 async fn rooms_isolated() {
-    let mut cfg = config();
-    cfg.mode_policy.never_p2p = true;
-    let server = start_server_with(cfg).await;
+    let server = start_server_with(server_only_config()).await;
     let since = Instant::now();
     let (x, y) = (room_name("iso-x"), room_name("iso-y"));
     let members = vec![
-        join_member(&server, &x, PeerConfig::video("x1").with_audio()).await,
-        join_member(&server, &y, PeerConfig::video("y1").with_audio()).await,
-        join_member(&server, &x, PeerConfig::video("x2").with_audio()).await,
-        join_member(&server, &y, PeerConfig::video("y2").with_audio()).await,
+        join_member(server.addr, &x, PeerConfig::video("x1").with_audio()).await,
+        join_member(server.addr, &y, PeerConfig::video("y1").with_audio()).await,
+        join_member(server.addr, &x, PeerConfig::video("x2").with_audio()).await,
+        join_member(server.addr, &y, PeerConfig::video("y2").with_audio()).await,
     ];
     let (in_x, in_y): (Vec<&Member>, Vec<&Member>) =
         members.iter().partition(|m| m.name().starts_with('x'));
     for room in [&in_x, &in_y] {
-        wait_all_mode(room, "sfu", since).await;
-        wait_all_rendering_via_server(room, since).await;
+        wait_all_via_server_since(room, since).await;
     }
     // Let media flow a while longer in both rooms.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1772,23 +1519,20 @@ async fn sfu_long_lived_members_survive_many_departures() {
 /// messages, about 45 departures would otherwise push a's answer over the
 /// limit).
 async fn many_departures() {
-    let mut cfg = config();
-    cfg.mode_policy.never_p2p = true;
+    let mut cfg = server_only_config();
     // 80 visitors in a few seconds make a and c answer far faster than any
     // real room would (two offers per visitor): lift the per-socket rate so
     // that the limit on signaling is not what this test measures.
     cfg.limits.rate_per_sec = 1000.0;
     cfg.limits.rate_burst = 1000.0;
-    let server = start_server_with(cfg).await;
-    let room = room_name("departures");
-    let since = Instant::now();
-    let members = vec![
-        join_member(&server, &room, PeerConfig::video("a").with_audio()).await,
-        join_member(&server, &room, PeerConfig::video("c").with_audio()).await,
-    ];
+    let (server, room, since, members) = start_call(
+        cfg,
+        "departures",
+        ["a", "c"].map(|name| PeerConfig::video(name).with_audio()),
+    )
+    .await;
     let (a, c) = (&members[0], &members[1]);
-    wait_all_mode(&[a, c], "sfu", since).await;
-    wait_all_rendering_via_server(&[a, c], since).await;
+    wait_all_via_server_since(&[a, c], since).await;
     let first_offer = a.sig().log().server_offers.last().unwrap().1.len();
     const VISITORS: usize = 80;
     for i in 0..VISITORS {
@@ -1847,7 +1591,7 @@ async fn many_departures() {
     // One more visitor, with media: it gets reused sections at a and c,
     // and everyone renders everyone.
     let mut members = members;
-    members.push(join_member(&server, &room, PeerConfig::video("w").with_audio()).await);
+    members.push(join_member(server.addr, &room, PeerConfig::video("w").with_audio()).await);
     let all: Vec<&Member> = members.iter().collect();
     wait_all_rendering_via_server(&all, since).await;
     let (a, c) = (all[0], all[1]);
