@@ -7,17 +7,11 @@
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { clientState, joinCall, launchBrowser, pollUntil, randomRoom, screenshot, startServer } from './harness.mjs';
+import { clientState, joinCall, pollUntil, screenshotAll, setUpCall } from './harness.mjs';
 
 test('chat reaches the room as text, privately the one member', { timeout: 60_000 }, async (t) => {
-  const server = await startServer();
-  t.after(() => server.stop());
-  const browsers = [];
-  t.after(() => Promise.all(browsers.map((b) => b.close())));
-  browsers.push(...(await Promise.all(['alice', 'bob'].map((name) => launchBrowser(name)))));
+  const { browsers, urlFor, dumpLogs } = await setUpCall(t, { prefix: 'chat' });
   const [alice, bob] = browsers;
-  const room = randomRoom('chat');
-  const urlFor = (name) => `${server.url}/?room=${room}&name=${name}`;
   const chatOf = async (page) => (await clientState(page)).chat;
 
   try {
@@ -64,12 +58,9 @@ test('chat reaches the room as text, privately the one member', { timeout: 60_00
     assert.deepEqual(mineA.filter((e) => e.mine).map((e) => e.text), [text]);
     assert.deepEqual(mineB.filter((e) => e.mine).map((e) => [e.text, e.private]), [['just you', true]]);
   } catch (err) {
-    for (const b of browsers) console.log(b.logs.join('\n'));
-    console.log(`--- server output ---\n${server.output()}`);
+    dumpLogs();
     throw err;
   } finally {
-    for (const { label, page } of browsers) {
-      await screenshot(page, `chat-${label}.png`).catch(() => {});
-    }
+    await screenshotAll(browsers, 'chat');
   }
 });

@@ -364,14 +364,17 @@ export function randomRoom(prefix = 'room') {
  * and one browser per name, both stopped after the test `t`; a new room
  * named after `prefix`. `urlFor(name)` is a member's page (with `query`
  * appended, e.g. '&relay=1'); `dumpLogs()` prints every browser's console
- * and the server's output.
+ * and the server's output. `browserArgs(name)` adds Chromium flags for one
+ * member (its fake camera or microphone, say).
  */
-export async function setUpCall(t, { names = ['alice', 'bob'], prefix, server: serverOptions, query = '' } = {}) {
+export async function setUpCall(t, {
+  names = ['alice', 'bob'], prefix, server: serverOptions, query = '', browserArgs = () => [],
+} = {}) {
   const server = await startServer(serverOptions);
   t.after(() => server.stop());
   const browsers = [];
   t.after(() => Promise.all(browsers.map((b) => b.close())));
-  browsers.push(...(await Promise.all(names.map((name) => launchBrowser(name)))));
+  browsers.push(...(await Promise.all(names.map((name) => launchBrowser(name, { args: browserArgs(name) })))));
   const room = randomRoom(prefix);
   const urlFor = (name) => `${server.url}/?room=${room}&name=${name}${query}`;
   const dumpLogs = () => {

@@ -13,16 +13,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
-import {
-  clientState,
-  joinCall,
-  launchBrowser,
-  pollUntil,
-  randomRoom,
-  screenshot,
-  startServer,
-  waitForBadge,
-} from './harness.mjs';
+import { clientState, joinCall, pollUntil, screenshotAll, setUpCall, waitForBadge } from './harness.mjs';
 
 const CAMERA = { width: 320, height: 240 };
 
@@ -69,16 +60,12 @@ test('a shared screen replaces the camera at every receiver, on both paths', { t
   const camera = path.join(dir, 'camera.y4m');
   await writeFile(camera, y4m(CAMERA));
 
-  const server = await startServer();
-  t.after(() => server.stop());
-  const browsers = [];
-  t.after(() => Promise.all(browsers.map((b) => b.close())));
-  browsers.push(...(await Promise.all(['alice', 'bob', 'carol'].map((name) => launchBrowser(name, {
-    args: name === 'alice' ? [`--use-file-for-fake-video-capture=${camera}`] : [],
-  })))));
+  const { browsers, urlFor, dumpLogs } = await setUpCall(t, {
+    names: ['alice', 'bob', 'carol'],
+    prefix: 'screen',
+    browserArgs: (name) => (name === 'alice' ? [`--use-file-for-fake-video-capture=${camera}`] : []),
+  });
   const [alice, bob, carol] = browsers;
-  const room = randomRoom('screen');
-  const urlFor = (name) => `${server.url}/?room=${room}&name=${name}`;
 
   /** Waits until every receiver decodes alice's video at a width `ok` accepts, on `path`. */
   const expect = async (receivers, aliceId, path, screen, ok, what) => {
@@ -118,12 +105,9 @@ test('a shared screen replaces the camera at every receiver, on both paths', { t
     const state = await clientState(alice.page);
     assert.equal(state.members.length, 2);
   } catch (err) {
-    for (const b of browsers) console.log(b.logs.join('\n'));
-    console.log(`--- server output ---\n${server.output()}`);
+    dumpLogs();
     throw err;
   } finally {
-    for (const { label, page } of browsers) {
-      await screenshot(page, `screen-${label}.png`).catch(() => {});
-    }
+    await screenshotAll(browsers, 'screen');
   }
 });

@@ -14,16 +14,23 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
-import {
-  clientState,
-  joinCall,
-  launchBrowser,
-  pollUntil,
-  randomRoom,
-  screenshot,
-  startServer,
-  waitForBadge,
-} from './harness.mjs';
+import { clientState, joinCall, pollUntil, screenshotAll, setUpCall, waitForBadge } from './harness.mjs';
+
+/**
+ * Writes a tone and a silence WAV into a temporary directory removed after
+ * the test `t`; returns `audioFor(talker)`: Chromium flags for a member's
+ * fake microphone, the tone for `talker`, silence for the others.
+ */
+async function fakeMicrophones(t) {
+  const dir = await mkdtemp(path.join(tmpdir(), 'confab-audio-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const tone = path.join(dir, 'tone.wav');
+  const silence = path.join(dir, 'silence.wav');
+  // 0.3 of full scale: about -13.5 dBov RMS, like a close talker.
+  await writeFile(tone, wav(0.3));
+  await writeFile(silence, wav(0));
+  return (talker) => (name) => [`--use-file-for-fake-audio-capture=${name === talker ? tone : silence}`];
+}
 
 /** A 2 s mono 16-bit 48 kHz WAV: a 440 Hz tone at `amplitude` (0 = silence). */
 function wav(amplitude) {
@@ -73,25 +80,13 @@ async function speakersOf(page) {
 }
 
 test('every page marks the member who talks, peer-to-peer and through the server', { timeout: 90_000 }, async (t) => {
-  const dir = await mkdtemp(path.join(tmpdir(), 'confab-audio-'));
-  t.after(() => rm(dir, { recursive: true, force: true }));
-  const tone = path.join(dir, 'tone.wav');
-  const silence = path.join(dir, 'silence.wav');
-  // 0.3 of full scale: about -13.5 dBov RMS, like a close talker.
-  await writeFile(tone, wav(0.3));
-  await writeFile(silence, wav(0));
-
-  const server = await startServer();
-  t.after(() => server.stop());
-  const names = ['alice', 'bob', 'carol'];
-  const browsers = [];
-  t.after(() => Promise.all(browsers.map((b) => b.close())));
-  browsers.push(...(await Promise.all(names.map((name) => launchBrowser(name, {
-    args: [`--use-file-for-fake-audio-capture=${name === 'alice' ? tone : silence}`],
-  })))));
+  const audioFor = await fakeMicrophones(t);
+  const { browsers, urlFor, dumpLogs } = await setUpCall(t, {
+    names: ['alice', 'bob', 'carol'],
+    prefix: 'speakers',
+    browserArgs: audioFor('alice'),
+  });
   const [alice, bob, carol] = browsers;
-  const room = randomRoom('speakers');
-  const urlFor = (name) => `${server.url}/?room=${room}&name=${name}`;
 
   /**
    * Waits until every page's list is `expected(page index)`, came from
@@ -136,36 +131,23 @@ test('every page marks the member who talks, peer-to-peer and through the server
     console.log(`speakers: alice marked ${p2pMs} ms after p2p was up (local stats), `
       + `${sfuMs} ms after all showed the server path (server lists); list empty ${mutedMs} ms after she muted`);
   } catch (err) {
-    for (const b of browsers) console.log(b.logs.join('\n'));
-    console.log(`--- server output ---\n${server.output()}`);
+    dumpLogs();
     throw err;
   } finally {
-    for (const { label, page } of browsers) {
-      await screenshot(page, `speakers-${label}.png`).catch(() => {});
-    }
+    await screenshotAll(browsers, 'speakers');
   }
 });
 
 test('with --last-n 1 every page gets only the speaker\'s video and shows the others paused', { timeout: 90_000 }, async (t) => {
-  const dir = await mkdtemp(path.join(tmpdir(), 'confab-audio-'));
-  t.after(() => rm(dir, { recursive: true, force: true }));
-  const tone = path.join(dir, 'tone.wav');
-  const silence = path.join(dir, 'silence.wav');
-  await writeFile(tone, wav(0.3));
-  await writeFile(silence, wav(0));
-
-  const server = await startServer({ args: ['--last-n', '1'] });
-  t.after(() => server.stop());
-  const names = ['alice', 'bob', 'carol'];
-  const browsers = [];
-  t.after(() => Promise.all(browsers.map((b) => b.close())));
   // Carol talks; Alice and Bob are silent.
-  browsers.push(...(await Promise.all(names.map((name) => launchBrowser(name, {
-    args: [`--use-file-for-fake-audio-capture=${name === 'carol' ? tone : silence}`],
-  })))));
+  const audioFor = await fakeMicrophones(t);
+  const { server, browsers, urlFor, dumpLogs } = await setUpCall(t, {
+    names: ['alice', 'bob', 'carol'],
+    prefix: 'last-n',
+    server: { args: ['--last-n', '1'] },
+    browserArgs: audioFor('carol'),
+  });
   const [alice, bob, carol] = browsers;
-  const room = randomRoom('last-n');
-  const urlFor = (name) => `${server.url}/?room=${room}&name=${name}`;
 
   try {
     const ids = [];
@@ -201,12 +183,9 @@ test('with --last-n 1 every page gets only the speaker\'s video and shows the ot
       && l.includes('from="to_sfu"') && l.includes('to="sfu"'));
     assert.match(line ?? '', /reason="media_ready"/, `the switch to the server completed on media_ready: ${line}`);
   } catch (err) {
-    for (const b of browsers) console.log(b.logs.join('\n'));
-    console.log(`--- server output ---\n${server.output()}`);
+    dumpLogs();
     throw err;
   } finally {
-    for (const { label, page } of browsers) {
-      await screenshot(page, `last-n-${label}.png`).catch(() => {});
-    }
+    await screenshotAll(browsers, 'last-n');
   }
 });

@@ -3,59 +3,30 @@
 //! who talks (`active_speakers`), loudest first, and the list must follow
 //! the conversation: a new talker appears, the floor passes, silence
 //! empties the list. A member whose client sends no levels is never listed.
+//! With Last-N, the same lists decide whose video each member receives.
 
 use std::time::{Duration, Instant};
 
-use crate::common::{join, media_test_lock, room_name, start_server_with, test_config};
-use crate::rtc_peer::{PeerConfig, RtcPeer, SignalingHandle, Streamer, NO_AUDIO_LEVEL};
+use crate::common::test_config;
+use crate::harness::{run_scenario, start_call, Member, SETTLE};
+use crate::rtc_peer::{PeerConfig, NO_AUDIO_LEVEL};
 
-/// One audio and one video packet per source this often (Opus at 20 ms).
-const INTERVAL: Duration = Duration::from_millis(20);
-/// RTP payload size.
-const PAYLOAD_LEN: usize = 200;
-/// Bound on reaching a mode or a speaker list.
-const SETTLE: Duration = Duration::from_secs(10);
 /// RFC 6464 levels (-dBov): a talker, a quieter talker, silence.
 const LOUD: u8 = 10;
 const QUIET: u8 = 25;
 const SILENT: u8 = 127;
 
-struct Member {
-    peer: RtcPeer,
-    sig: SignalingHandle,
-    id: String,
-    streamer: Streamer,
+/// From now on `m`'s audio packets carry `level`.
+fn set_level(m: &Member, level: u8) {
+    m.peer
+        .audio()
+        .expect("an audio source")
+        .set_audio_level(level);
 }
 
-impl Member {
-    fn set_level(&self, level: u8) {
-        self.peer
-            .audio()
-            .expect("an audio source")
-            .set_audio_level(level);
-    }
-
-    /// Every `active_speakers` list received, with its arrival.
-    fn lists(&self) -> Vec<(Vec<String>, Instant)> {
-        self.sig.log().speakers
-    }
-}
-
-async fn join_member(addr: std::net::SocketAddr, room: &str, name: &str) -> Member {
-    let peer = RtcPeer::new(PeerConfig::video(name).with_audio())
-        .await
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
-    let (ws, joined) = join(addr, room, name).await;
-    let id = joined["participant_id"].as_str().unwrap().to_owned();
-    let (tx, rx) = ws.into_split();
-    let sig = peer.start_signaling(&joined, tx, rx);
-    let streamer = peer.start_streaming(INTERVAL, PAYLOAD_LEN);
-    Member {
-        peer,
-        sig,
-        id,
-        streamer,
-    }
+/// Every `active_speakers` list `m` received, with its arrival.
+fn lists(m: &Member) -> Vec<(Vec<String>, Instant)> {
+    m.sig().log().speakers
 }
 
 /// Waits until every member's latest list satisfies `ok`; returns how long
@@ -69,7 +40,7 @@ async fn wait_lists(
     let deadline = Instant::now() + SETTLE;
     loop {
         let latest: Vec<Option<(Vec<String>, Instant)>> =
-            members.iter().map(|m| m.lists().last().cloned()).collect();
+            members.iter().map(|m| lists(m).last().cloned()).collect();
         if latest
             .iter()
             .all(|l| l.as_ref().is_some_and(|(ids, at)| *at >= since && ok(ids)))
@@ -94,33 +65,26 @@ async fn wait_lists(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn speakers_follow_the_conversation_and_the_loudest_leads() {
-    let _serial = media_test_lock().await;
-    tokio::time::timeout(Duration::from_secs(60), conversation())
-        .await
-        .expect("the speaker scenario finishes within 60 s");
+    run_scenario("speaker scenario", Duration::from_secs(60), conversation()).await;
 }
 
 async fn conversation() {
-    let server = start_server_with(test_config()).await;
-    let room = room_name("speakers");
-    let mut members = Vec::new();
-    for name in ["a", "b", "c"] {
-        members.push(join_member(server.addr, &room, name).await);
-    }
+    let configs = ["a", "b", "c"].map(|n| PeerConfig::video(n).with_audio());
+    let (server, _, _, members) = start_call(test_config(), "speakers", configs).await;
     // a and b send levels (silence for now); c's client sends none.
-    members[0].set_level(SILENT);
-    members[1].set_level(SILENT);
-    members[2].set_level(NO_AUDIO_LEVEL);
+    set_level(&members[0], SILENT);
+    set_level(&members[1], SILENT);
+    set_level(&members[2], NO_AUDIO_LEVEL);
     for m in &members {
         m.peer
             .wait_mode("sfu", 0, SETTLE)
             .await
-            .unwrap_or_else(|e| panic!("{}: {e}", m.peer.name));
+            .unwrap_or_else(|e| panic!("{}: {e}", m.name()));
         m.peer
             .server_leg()
             .wait_connected(SETTLE)
             .await
-            .unwrap_or_else(|e| panic!("{}: {e}", m.peer.name));
+            .unwrap_or_else(|e| panic!("{}: {e}", m.name()));
     }
     let (a, b, c) = (
         members[0].id.clone(),
@@ -132,38 +96,38 @@ async fn conversation() {
     // a talks, b is silent: a alone.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let t = Instant::now();
-    members[0].set_level(LOUD);
+    set_level(&members[0], LOUD);
     let a_listed = wait_lists(&members, t, "a listed", |l| l == [a.as_str()]).await;
 
     // b joins in, quieter: listed second, a keeps the floor.
     let t = Instant::now();
-    members[1].set_level(QUIET);
+    set_level(&members[1], QUIET);
     let b_second = wait_lists(&members, t, "b second", |l| l == [a.as_str(), b.as_str()]).await;
 
     // a falls silent: b takes the floor, then is alone.
     let t = Instant::now();
-    members[0].set_level(SILENT);
+    set_level(&members[0], SILENT);
     let b_first = wait_lists(&members, t, "b first", |l| l.first() == Some(&b)).await;
     let a_dropped = wait_lists(&members, t, "a dropped", |l| l == [b.as_str()]).await;
 
     // Everyone silent: an empty list.
     let t = Instant::now();
-    members[1].set_level(SILENT);
+    set_level(&members[1], SILENT);
     let emptied = wait_lists(&members, t, "empty", |l| l.is_empty()).await;
     let elapsed = started.elapsed();
 
     for m in &members {
-        let lists = m.lists();
+        let lists = lists(m);
         for (ids, _) in &lists {
             assert!(
                 !ids.contains(&c),
                 "{}: c sends no levels but was listed: {ids:?}",
-                m.peer.name
+                m.name()
             );
             assert!(
                 ids.iter().all(|id| *id == a || *id == b),
                 "{}: a list names a stranger: {ids:?}",
-                m.peer.name
+                m.name()
             );
         }
         // Lists change at most once per 250 ms window.
@@ -171,22 +135,24 @@ async fn conversation() {
         assert!(
             lists.len() as u128 <= bound,
             "{}: {} lists in {elapsed:?}",
-            m.peer.name,
+            m.name(),
             lists.len()
         );
-        assert!(m.sig.log().errors.is_empty(), "{:?}", m.sig.log().errors);
+        assert!(
+            m.sig().log().errors.is_empty(),
+            "{:?}",
+            m.sig().log().errors
+        );
     }
     eprintln!(
         "speakers: a listed after {a_listed:?}, b second after {b_second:?}; after a stopped: \
          b first {b_first:?}, a dropped {a_dropped:?}; empty {emptied:?} after b stopped; \
          {} lists at a in {elapsed:?}",
-        members[0].lists().len()
+        lists(&members[0]).len()
     );
 
     for m in members {
-        m.streamer.stop().await;
-        m.sig.stop().await;
-        m.peer.close().await;
+        m.close().await;
     }
     server.shutdown().await;
 }
@@ -211,7 +177,7 @@ async fn wait_forwarded(members: &[Member], what: &str, expected: impl Fn(usize)
         let latest: Vec<Option<Vec<String>>> = members
             .iter()
             .map(|m| {
-                m.sig
+                m.sig()
                     .log()
                     .forwarded_video
                     .last()
@@ -235,10 +201,7 @@ async fn wait_forwarded(members: &[Member], what: &str, expected: impl Fn(usize)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn last_n_forwards_the_video_of_recent_speakers_only() {
-    let _serial = media_test_lock().await;
-    tokio::time::timeout(Duration::from_secs(60), last_n())
-        .await
-        .expect("the Last-N scenario finishes within 60 s");
+    run_scenario("Last-N scenario", Duration::from_secs(60), last_n()).await;
 }
 
 /// Four members, Last-N 1: each receives one video (the latest speaker's,
@@ -246,27 +209,11 @@ async fn last_n_forwards_the_video_of_recent_speakers_only() {
 async fn last_n() {
     let mut cfg = test_config();
     cfg.last_n = 1;
-    let server = start_server_with(cfg).await;
-    let room = room_name("last-n");
-    let mut members = Vec::new();
-    for name in ["a", "b", "c", "d"] {
-        let peer = RtcPeer::new(PeerConfig::video(name).with_audio().keyframes_on_request())
-            .await
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let (ws, joined) = join(server.addr, &room, name).await;
-        let id = joined["participant_id"].as_str().unwrap().to_owned();
-        let (tx, rx) = ws.into_split();
-        let sig = peer.start_signaling(&joined, tx, rx);
-        let streamer = peer.start_streaming(INTERVAL, PAYLOAD_LEN);
-        members.push(Member {
-            peer,
-            sig,
-            id,
-            streamer,
-        });
-    }
+    let configs =
+        ["a", "b", "c", "d"].map(|n| PeerConfig::video(n).with_audio().keyframes_on_request());
+    let (server, _, _, members) = start_call(cfg, "last-n", configs).await;
     for m in &members {
-        m.set_level(SILENT);
+        set_level(m, SILENT);
         m.peer.wait_mode("sfu", 0, SETTLE).await.unwrap();
         m.peer.server_leg().wait_connected(SETTLE).await.unwrap();
     }
@@ -308,7 +255,7 @@ async fn last_n() {
 
     // d speaks: everyone watches d, d watches a (the first to join).
     let spoke = Instant::now();
-    d.set_level(LOUD);
+    set_level(d, LOUD);
     wait_forwarded(&members, "d speaks", |i| {
         vec![ids[if i == 3 { 0 } else { 3 }].clone()]
     })
@@ -353,9 +300,7 @@ async fn last_n() {
     );
 
     for m in members {
-        m.streamer.stop().await;
-        m.sig.stop().await;
-        m.peer.close().await;
+        m.close().await;
     }
     server.shutdown().await;
 }
