@@ -373,11 +373,20 @@ class Tile {
 /** Smallest tile width before the grid scrolls instead of shrinking further. */
 const MIN_TILE_WIDTH = 160;
 
-/** Lays tiles out in rows whose column count gives the largest 16:9 tiles. */
+/** Share of the stage's height the featured tile takes in speaker view. */
+const FEATURE_SHARE = 0.74;
+
+/**
+ * Lays tiles out in rows whose column count gives the largest 16:9 tiles
+ * (grid view), or one featured tile large above a strip of the others
+ * (speaker view).
+ */
 class TileGrid {
   constructor(el) {
     this.el = el;
     this.tiles = new Map();
+    this.view = 'grid'; // 'grid' | 'speaker'
+    this.featured = null; // tile id shown large in speaker view
     this.resizeObserver = new ResizeObserver(() => this.layout());
     this.resizeObserver.observe(el);
   }
@@ -408,13 +417,36 @@ class TileGrid {
     this.layout();
   }
 
+  /** Grid or speaker view. */
+  setView(view) {
+    this.view = view === 'speaker' ? 'speaker' : 'grid';
+    this.el.dataset.view = this.view;
+    this.layout();
+  }
+
+  /** The tile shown large in speaker view (null: none). */
+  setFeatured(id) {
+    if (this.featured === id) return;
+    this.featured = id;
+    this.layout();
+  }
+
   layout() {
-    const n = Math.max(1, this.tiles.size);
+    const featured = this.view === 'speaker' && this.tiles.size > 1 ? this.tiles.get(this.featured) : null;
+    for (const tile of this.tiles.values()) tile.el.classList.toggle('featured', tile === featured);
+    const n = Math.max(1, this.tiles.size - (featured ? 1 : 0));
     const style = getComputedStyle(this.el);
     const gap = parseFloat(style.columnGap) || 0;
     const width = this.el.clientWidth - (parseFloat(style.paddingLeft) || 0) - (parseFloat(style.paddingRight) || 0);
-    const height = this.el.clientHeight - (parseFloat(style.paddingTop) || 0) - (parseFloat(style.paddingBottom) || 0);
+    let height = this.el.clientHeight - (parseFloat(style.paddingTop) || 0) - (parseFloat(style.paddingBottom) || 0);
     if (width <= 0 || height <= 0) return;
+    if (featured) {
+      // The featured tile on its own row; the others share what is left.
+      const featureW = Math.floor(Math.min(width, (height * FEATURE_SHARE * 16) / 9));
+      this.el.style.setProperty('--feature-w', `${featureW}px`);
+      this.el.style.setProperty('--feature-h', `${Math.floor((featureW * 9) / 16)}px`);
+      height -= Math.floor((featureW * 9) / 16) + gap;
+    }
     let best = { cols: 1, w: 0 };
     for (let cols = 1; cols <= n; cols++) {
       const rows = Math.ceil(n / cols);
@@ -865,6 +897,7 @@ class Session {
     this.log = []; // { at, event, ... }: mode changes, swaps and reports, for debugging
     this.forwardedVideo = null; // Set of member ids (Last-N), or null: every video is forwarded
     this.speakers = []; // tile ids speaking, dominant first ('local' for us)
+    this.lastDominant = null; // the latest remote dominant speaker, for speaker view
     this.speakersSource = null; // where the list came from: 'server' or 'stats'
     this.speakerTimer = null;
     this.localSpeech = new Map(); // tile id → { energy, duration, lastSpeech } for p2p
@@ -1045,6 +1078,7 @@ class Session {
     for (const path of PATHS) this.decodingSince.delete(`${id}/${path}`);
     if (this.link?.peerId === id) this.closeLink();
     this.grid.remove(id);
+    this.chooseFeatured();
     this.updateMemberCount();
     if (member) announce(`${member.name} left`);
     this.kick();
@@ -1059,6 +1093,7 @@ class Session {
     const tile = this.grid.get(msg.id);
     tile?.setMuted({ audio: member.audio_muted, video: member.video_muted && !member.screen });
     tile?.setScreen(member.screen);
+    this.chooseFeatured();
     this.kick();
   }
 
@@ -1164,6 +1199,20 @@ class Session {
     this.speakers = ids;
     this.record('speakers', { ids, source });
     for (const [id, tile] of this.grid.tiles) tile.setSpeaking(ids.indexOf(id));
+    this.chooseFeatured();
+  }
+
+  /**
+   * Speaker view's large tile: a member sharing a screen, else the latest
+   * remote dominant speaker (kept through silence), else the first member.
+   */
+  chooseFeatured() {
+    const sharing = [...this.members.values()].find((m) => m.screen);
+    const dominant = this.speakers[0];
+    if (dominant && dominant !== 'local' && this.members.has(dominant)) this.lastDominant = dominant;
+    if (!this.members.has(this.lastDominant)) this.lastDominant = null;
+    const first = this.members.keys().next().value ?? null;
+    this.grid.setFeatured(sharing?.id ?? this.lastDominant ?? first);
   }
 
   onError({ code, message }) {
@@ -1190,6 +1239,7 @@ class Session {
     tile.setScreen(member.screen);
     tile.setServerLeg(member.server_leg ?? 'connecting');
     tile.setSpeaking(this.speakers.indexOf(member.id));
+    this.chooseFeatured();
     this.updateMemberCount();
   }
 
@@ -1679,6 +1729,9 @@ class Session {
       /** Tile ids of the current speakers, dominant first ('local' for this page). */
       speakers: [...this.speakers],
       speakersSource: this.speakersSource,
+      /** 'grid' or 'speaker', and the tile speaker view shows large. */
+      view: this.grid.view,
+      featured: this.grid.featured,
       /** Under Last-N, the members whose video the server forwards to us (null: all). */
       forwardedVideo: this.forwardedVideo ? [...this.forwardedVideo] : null,
       /** The chat panel's messages, oldest first. */
@@ -1822,6 +1875,16 @@ class ChatPanel {
 const grid = new TileGrid($('grid'));
 const chat = new ChatPanel();
 
+/** Grid or speaker view, remembered across visits. */
+function setView(view) {
+  grid.setView(view);
+  const speaker = grid.view === 'speaker';
+  $('view-btn').setAttribute('aria-pressed', String(speaker));
+  $('view-btn').querySelector('span').textContent = speaker ? 'Grid view' : 'Speaker view';
+  try { localStorage.setItem('confab.view', grid.view); } catch { /* storage may be unavailable */ }
+}
+setView((() => { try { return localStorage.getItem('confab.view'); } catch { return null; } })());
+
 let session = null;
 
 /** Errors after which the client rejoins by itself (see onSocketClosed). */
@@ -1878,6 +1941,7 @@ $('join-form').addEventListener('submit', (e) => {
 $('mic-btn').addEventListener('click', () => session?.toggleMicrophone());
 $('screen-btn').addEventListener('click', () => session?.toggleScreen());
 $('chat-btn').addEventListener('click', () => chat.toggle());
+$('view-btn').addEventListener('click', () => setView(grid.view === 'speaker' ? 'grid' : 'speaker'));
 $('chat-close').addEventListener('click', () => chat.toggle(false));
 $('chat-form').addEventListener('submit', (e) => {
   e.preventDefault();

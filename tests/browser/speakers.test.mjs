@@ -125,6 +125,17 @@ test('every page marks the member who talks, peer-to-peer and through the server
     const modes = await Promise.all(browsers.map(async (b) => (await clientState(b.page)).mode.mode));
     assert.deepEqual(modes, ['sfu', 'sfu', 'sfu'], 'the lists were checked with media through the server');
 
+    // Speaker view at Bob: Alice, the speaker, large above the others.
+    await bob.page.click('#view-btn');
+    await pollUntil(async () => {
+      const s = await clientState(bob.page);
+      return s.view === 'speaker' && s.featured === aliceId;
+    }, { timeoutMs: 5_000, what: 'speaker view featuring alice at bob' });
+    const width = async (id) => (await bob.page.locator(`.tile[data-id="${id}"]`).boundingBox()).width;
+    const [featuredW, otherW] = [await width(aliceId), await width('local')];
+    console.log(`speaker view at bob: alice's tile ${featuredW} px wide, bob's own ${otherW} px`);
+    assert.ok(featuredW > 2 * otherW, 'the speaker is shown large');
+
     // Alice mutes: her browser sends silence, and nobody is marked.
     await alice.page.click('#mic-btn');
     const mutedMs = await expectEverywhere(browsers, 'server', () => [], 'no speaker after alice muted');
