@@ -1056,6 +1056,7 @@ class Session {
     this.serverLegState = 'connecting';
     for (const member of msg.members ?? []) this.addMember(member);
     this.pingTimer = setInterval(() => this.send({ type: 'ping' }), PING_INTERVAL_MS);
+    this.updateControls(); // screen sharing needs the join
     this.speakerTimer = setInterval(() => this.measureSpeakers(), SPEAKER_POLL_MS);
     if (this.audioMuted || this.videoMuted) this.sendMediaState();
     if (msg.mode) this.applyMode(msg.mode);
@@ -1129,7 +1130,10 @@ class Session {
   sendChat(text, to) {
     const body = text.trim();
     if (!this.joined || !body || [...body].length > CHAT_MAX_CHARS) return false;
-    if (to && !this.members.has(to)) return false;
+    if (to && !this.members.has(to)) {
+      chat.notice('That person has left the room: the message was not sent. Choose another recipient.');
+      return false;
+    }
     this.send(to ? { type: 'chat', text: body, to } : { type: 'chat', text: body });
     chat.add({
       from: this.participantId,
@@ -1162,16 +1166,19 @@ class Session {
   async measureSpeakers() {
     if (this.mode?.mode !== 'p2p') {
       this.localSpeech.clear();
+      // Marks measured here are stale now; the server's lists take over.
+      if (this.speakersSource === 'stats' && this.speakers.length) this.setSpeakers([], 'stats');
       return;
     }
-    const pc = this.link?.pc;
+    const link = this.link;
+    const pc = link?.pc;
     const report = pc && pc.connectionState === 'connected' ? await pc.getStats().catch(() => null) : null;
-    if (this.mode?.mode !== 'p2p') return;
+    if (this.mode?.mode !== 'p2p' || this.link !== link) return;
     const now = performance.now();
     const seen = [];
     for (const s of report?.values() ?? []) {
       // The peer's audio as received, and our microphone as sent.
-      const id = s.type === 'inbound-rtp' && s.kind === 'audio' ? this.link.peerId
+      const id = s.type === 'inbound-rtp' && s.kind === 'audio' ? link.peerId
         : s.type === 'media-source' && s.kind === 'audio' && !this.audioMuted ? 'local' : null;
       if (!id || typeof s.totalAudioEnergy !== 'number' || typeof s.totalSamplesDuration !== 'number') continue;
       seen.push(id);
@@ -1216,6 +1223,8 @@ class Session {
   }
 
   onError({ code, message }) {
+    // The server answers a refused chat message at once, and never for a delivered one.
+    if (code === 'rate_limited' || code === 'not_a_member') chat.refused(String(message ?? code));
     this.lastError = { code: String(code ?? 'error'), message: message ?? '', at: performance.now() };
     console.warn('[confab] server error', code, message);
     banner.show(this.lastError.code, this.lastError.message);
@@ -1411,7 +1420,8 @@ class Session {
     const tracks = this.pathTracks(id, path);
     const rising = (track) => Boolean(track) && this.counters.get(track.id)?.risen === this.mode?.epoch;
     if (rising(tracks.video)) return true;
-    if (!member.video_muted && !this.videoHeld(id, path)) return false;
+    const cameraOff = member.video_muted && !member.screen;
+    if (!cameraOff && !this.videoHeld(id, path)) return false;
     // Camera off, or video held by the server (Last-N): audio is what
     // arrives; a member that sends nothing at all cannot hold a switch up.
     return rising(tracks.audio) || member.audio_muted;
@@ -1490,7 +1500,7 @@ class Session {
       const since = this.decodingSince.get(`${id}/${want}`);
       const member = this.members.get(id);
       if (since !== undefined && tile.streams[want]
-        && (tile.hasFrame(want) || member.video_muted || this.videoHeld(id, want)
+        && (tile.hasFrame(want) || (member.video_muted && !member.screen) || this.videoHeld(id, want)
           || now - since > SWAP_FRAME_GRACE_MS)) {
         this.swap(tile, want, 'decodes');
       }
@@ -1593,16 +1603,19 @@ class Session {
   /** Shares the screen in place of the camera, or stops sharing. */
   async toggleScreen() {
     if (this.screenTrack) return this.stopScreen();
-    if (!this.canShareScreen()) return undefined;
+    if (!this.canShareScreen() || this.pickingScreen) return undefined;
     let stream;
+    this.pickingScreen = true;
     try {
       stream = await navigator.mediaDevices.getDisplayMedia({ video: { frameRate: { max: SCREEN_FPS } }, audio: false });
     } catch (err) {
       if (err?.name !== 'NotAllowedError') banner.show('screen_unavailable', `Screen sharing failed (${err?.name ?? 'error'}).`);
       return undefined;
+    } finally {
+      this.pickingScreen = false;
     }
     const track = stream.getVideoTracks()[0];
-    if (!track || this.ended) {
+    if (!track || this.ended || !this.joined) {
       stream.getTracks().forEach((t) => t.stop());
       return undefined;
     }
@@ -1622,7 +1635,7 @@ class Session {
 
   /** Screen sharing replaces the camera's track, so it needs one (and a browser that can capture). */
   canShareScreen() {
-    return Boolean(navigator.mediaDevices?.getDisplayMedia && this.localStream?.getVideoTracks().length);
+    return Boolean(this.joined && navigator.mediaDevices?.getDisplayMedia && this.localStream?.getVideoTracks().length);
   }
 
   /** Puts the screen (or the camera) on every video sender and in our own tile, and tells the room. */
@@ -1788,11 +1801,14 @@ function setToggle(button, pressed, enabled, icon) {
 const CHAT_MAX_ENTRIES = 500;
 /** The server's limit on a message's length (docs/protocol.md). */
 const CHAT_MAX_CHARS = 2000;
+/** An error this soon after sending a chat message is taken as its refusal. */
+const CHAT_REFUSAL_WINDOW_MS = 2000;
 
 /** The chat panel: messages of this session, a recipient choice and an unread count. */
 class ChatPanel {
   constructor() {
-    this.entries = []; // { from, name, text, private, mine, at }
+    this.entries = []; // { from, name, text, private, mine, at, failed? }
+    this.lastSent = null; // our latest message: { entry, li, at }
     this.unread = 0;
     this.el = $('chat');
     this.log = $('chat-log');
@@ -1817,19 +1833,55 @@ class ChatPanel {
   /** A new session: no history (the server keeps none). */
   reset() {
     this.entries = [];
+    this.lastSent = null;
     this.unread = 0;
     this.log.replaceChildren();
+    this.to.value = '';
     this.setMembers([]);
     this.showUnread();
   }
 
-  /** The recipients offered: everyone, or one member. */
+  /**
+   * The recipients offered: everyone, or one member. A private recipient
+   * who left stays chosen, marked as gone, so that the next message is not
+   * sent to everyone by surprise.
+   */
   setMembers(members) {
     const chosen = this.to.value;
+    const chosenName = this.to.selectedOptions[0]?.dataset.name ?? '';
     const options = [new Option('Everyone', '')];
-    for (const m of members) options.push(new Option(`${m.name} (private)`, m.id));
+    for (const m of members) {
+      const option = new Option(`${m.name} (private)`, m.id);
+      option.dataset.name = m.name;
+      options.push(option);
+    }
+    if (chosen && !members.some((m) => m.id === chosen)) {
+      const gone = new Option(`${chosenName || 'someone'} (left the room)`, chosen);
+      gone.dataset.name = chosenName;
+      options.push(gone);
+    }
     this.to.replaceChildren(...options);
-    this.to.value = members.some((m) => m.id === chosen) ? chosen : '';
+    this.to.value = chosen;
+  }
+
+  /** A line from the client itself (not a message). */
+  notice(text) {
+    const li = document.createElement('li');
+    li.className = 'notice';
+    li.textContent = text;
+    this.log.append(li);
+    this.log.scrollTop = this.log.scrollHeight;
+  }
+
+  /** The server refused something just sent: if it was our last chat message, mark it undelivered. */
+  refused(reason) {
+    const last = this.lastSent;
+    this.lastSent = null;
+    if (!last || performance.now() - last.at > CHAT_REFUSAL_WINDOW_MS) return;
+    last.entry.failed = true;
+    last.li.dataset.failed = 'true';
+    last.li.querySelector('.who').textContent += ' — not delivered';
+    last.li.title = reason;
   }
 
   add(entry) {
@@ -1852,6 +1904,7 @@ class ChatPanel {
     text.textContent = entry.text; // text, never markup
     li.append(who, when, text);
     this.log.append(li);
+    if (entry.mine) this.lastSent = { entry, li, at: performance.now() };
     while (this.log.children.length > CHAT_MAX_ENTRIES) this.log.firstElementChild.remove();
     this.log.scrollTop = this.log.scrollHeight;
     if (!entry.mine && !this.open) {

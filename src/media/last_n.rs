@@ -9,6 +9,17 @@
 //! else in join order. A subscriber never counts itself. Pure and
 //! synchronous; the SFU applies the selection by holding the other video
 //! downtracks (they resume on a keyframe).
+//!
+//! A pin is the member's own claim (`media_state.screen`), so a member
+//! could toggle it to flip everyone's selection, and each flip costs the
+//! displaced video a keyframe wait: a member's pin changes at most once
+//! per [`PIN_COOLDOWN`]; a later change waits for [`LastN::settle`].
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// The shortest time between two changes of one member's pin.
+pub const PIN_COOLDOWN: Duration = Duration::from_secs(2);
 
 /// The ranking of one room.
 #[derive(Debug, Clone, Default)]
@@ -19,6 +30,11 @@ pub struct LastN {
     /// Members whose video is always selected (screen sharing), in the
     /// order they were pinned.
     pinned: Vec<String>,
+    /// Pin changes asked for during a member's cooldown, applied by
+    /// [`LastN::settle`].
+    wanted: HashMap<String, bool>,
+    /// When each member's pin last changed.
+    changed_at: HashMap<String, Instant>,
 }
 
 impl LastN {
@@ -47,22 +63,55 @@ impl LastN {
         self.recent != before
     }
 
-    /// Pins (screen sharing) or unpins a member. Returns whether anything
-    /// changed.
-    pub fn pin(&mut self, id: &str, on: bool) -> bool {
+    /// Pins (screen sharing) or unpins a member, at once unless its last
+    /// change was less than [`PIN_COOLDOWN`] ago (then at a later
+    /// [`LastN::settle`]). Returns whether the pins changed now.
+    pub fn pin(&mut self, id: &str, on: bool, now: Instant) -> bool {
+        let cooling = self
+            .changed_at
+            .get(id)
+            .is_some_and(|t| now.saturating_duration_since(*t) < PIN_COOLDOWN);
+        if cooling {
+            self.wanted.insert(id.to_owned(), on);
+            return false;
+        }
+        self.wanted.remove(id);
         let present = self.pinned.iter().any(|p| p == id);
         match (on, present) {
             (true, false) => self.pinned.push(id.to_owned()),
             (false, true) => self.pinned.retain(|p| p != id),
             _ => return false,
         }
+        self.changed_at.insert(id.to_owned(), now);
         true
+    }
+
+    /// Applies the pin changes whose cooldown has passed. Returns whether
+    /// the pins changed.
+    pub fn settle(&mut self, now: Instant) -> bool {
+        let due: Vec<(String, bool)> = self
+            .wanted
+            .iter()
+            .filter(|(id, _)| {
+                self.changed_at
+                    .get(*id)
+                    .is_none_or(|t| now.saturating_duration_since(*t) >= PIN_COOLDOWN)
+            })
+            .map(|(id, on)| (id.clone(), *on))
+            .collect();
+        let mut changed = false;
+        for (id, on) in due {
+            changed |= self.pin(&id, on, now);
+        }
+        changed
     }
 
     /// Forgets a member who left.
     pub fn forget(&mut self, id: &str) {
         self.recent.retain(|r| r != id);
         self.pinned.retain(|p| p != id);
+        self.wanted.remove(id);
+        self.changed_at.remove(id);
     }
 
     /// Every current member, most worth watching first: pinned, then
@@ -143,17 +192,46 @@ mod tests {
 
     #[test]
     fn pinned_members_come_before_speakers_and_leavers_are_forgotten() {
+        let t0 = Instant::now();
         let mut l = LastN::new(2);
         l.spoke(&ids(&["d", "e"]));
-        assert!(l.pin("a", true));
-        assert!(!l.pin("a", true));
+        assert!(l.pin("a", true, t0));
+        assert!(!l.pin("a", true, t0 + PIN_COOLDOWN));
         assert_eq!(l.selection(&ROOM, "b"), ids(&["a", "d"]));
-        assert!(l.pin("a", false));
+        assert!(l.pin("a", false, t0 + PIN_COOLDOWN));
         assert_eq!(l.selection(&ROOM, "b"), ids(&["d", "e"]));
         // d leaves: it is not selected even if still ranked.
         let remaining = ["a", "b", "c", "e"];
         assert_eq!(l.selection(&remaining, "b"), ids(&["e", "a"]));
         l.forget("d");
         assert_eq!(l.recent, ids(&["e"]));
+    }
+
+    #[test]
+    fn a_pin_changes_at_most_once_per_cooldown() {
+        let t0 = Instant::now();
+        let mut l = LastN::new(1);
+        assert!(l.pin("c", true, t0));
+        // Toggling fast changes nothing until the cooldown passed...
+        let mut t = t0;
+        for i in 0..40 {
+            t += Duration::from_millis(40);
+            assert!(!l.pin("c", i % 2 == 1, t));
+            assert!(!l.settle(t));
+            assert_eq!(l.selection(&ROOM, "a"), ids(&["c"]));
+        }
+        // ...then the last wish applies (the loop ended on "pin").
+        assert!(
+            !l.settle(t0 + PIN_COOLDOWN),
+            "still pinned, nothing changes"
+        );
+        assert!(!l.pin("c", false, t0 + PIN_COOLDOWN - Duration::from_millis(1)));
+        assert!(l.settle(t0 + PIN_COOLDOWN));
+        assert_eq!(l.selection(&ROOM, "a"), ids(&["b"]));
+        // A member who leaves takes its pending wish with it.
+        l.pin("c", true, t0 + PIN_COOLDOWN);
+        l.forget("c");
+        assert!(!l.settle(t0 + PIN_COOLDOWN * 3));
+        assert!(l.wanted.is_empty() && l.changed_at.is_empty() && l.pinned.is_empty());
     }
 }

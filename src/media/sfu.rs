@@ -629,6 +629,15 @@ impl Sfu {
             self.fail_leg(key, LegFailure::Silent);
         }
         self.detect_speakers();
+        // Pin changes that waited for their cooldown.
+        let settled: Vec<RouterId> = self
+            .routers
+            .iter_mut()
+            .filter_map(|(id, r)| r.last_n.settle(now).then_some(*id))
+            .collect();
+        for router in settled {
+            self.apply_last_n(router, now);
+        }
         self.metrics
             .media_routes
             .set((self.by_ufrag.len() + self.by_addr.len()) as i64);
@@ -773,10 +782,16 @@ impl Sfu {
                 participant,
                 on,
             } => {
-                let changed = self
-                    .routers
-                    .get_mut(&router)
-                    .is_some_and(|r| r.last_n.pin(&participant, on));
+                // Only a member whose media can be forwarded may take a slot.
+                let publishes = self
+                    .leg_key(router, &participant)
+                    .and_then(|k| self.legs.get(&k))
+                    .is_some_and(|e| e.leg.may_publish);
+                let changed = publishes
+                    && self
+                        .routers
+                        .get_mut(&router)
+                        .is_some_and(|r| r.last_n.pin(&participant, on, now));
                 if changed {
                     self.apply_last_n(router, now);
                 }
@@ -901,7 +916,15 @@ impl Sfu {
             return;
         }
         let members: Vec<&str> = r.legs.iter().map(|(p, _)| p.as_str()).collect();
-        let ranking = r.last_n.ranking(&members);
+        // Members without the publish grant send nothing that is forwarded:
+        // they never take a slot.
+        let publishers: Vec<&str> = r
+            .legs
+            .iter()
+            .filter(|(_, k)| self.legs.get(k).is_some_and(|e| e.leg.may_publish))
+            .map(|(p, _)| p.as_str())
+            .collect();
+        let ranking = r.last_n.ranking(&publishers);
         let mut events = Vec::new();
         let mut released: Vec<String> = Vec::new();
         for (subscriber, key) in &r.legs {
@@ -949,6 +972,9 @@ impl Sfu {
     }
 
     fn remove_leg(&mut self, router: RouterId, participant: &str, now: Instant) {
+        if let Some(r) = self.routers.get_mut(&router) {
+            r.last_n.forget(participant);
+        }
         let Some(key) = self.leg_key(router, participant) else {
             return;
         };
@@ -956,7 +982,6 @@ impl Sfu {
             Some(r) => {
                 r.legs.retain(|(p, _)| p != participant);
                 r.last_pli.remove(participant);
-                r.last_n.forget(participant);
                 r.legs.iter().map(|(_, k)| *k).collect()
             }
             None => Vec::new(),

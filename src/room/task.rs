@@ -208,6 +208,8 @@ impl Room {
                 screen,
             } => {
                 if let Some(m) = self.members.iter_mut().find(|m| m.id == id) {
+                    // Without the publish grant nothing it sends is shown.
+                    let screen = screen && m.grants.publish;
                     m.audio_muted = audio_muted;
                     m.video_muted = video_muted;
                     if m.screen != screen {

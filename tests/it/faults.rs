@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use confab::auth::{issue, Grants};
+use confab::auth::Grants;
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use webrtc::media_stream::track_remote::TrackRemote;
 
@@ -24,9 +24,9 @@ use crate::common::{
     TestServer, WsClient, PROTOCOL_VERSION, STEP,
 };
 use crate::harness::{
-    close_all, finish, join_member, join_member_with, join_members, offer_counts,
+    close_all, finish, join_member, join_member_with, join_members, join_with_grants, offer_counts,
     server_only_config, stream_pairs, wait_all_mode, wait_all_via_server, wait_left,
-    wait_offer_answered, Member, SETTLE,
+    wait_offer_answered, Member, GRANT_SECRET, SETTLE,
 };
 use crate::lossy_proxy::{LossyProxy, Towards};
 use crate::rtc_peer::{Path, PeerConfig, RtcPeer, SdpRewrite, VIDEO_PAYLOAD_TYPE};
@@ -919,17 +919,6 @@ async fn replay_and_plain() {
 // 7. The publish grant
 // ---------------------------------------------------------------------------
 
-/// What the grant scenarios' server signs tokens with.
-const SECRET: &str = "faults-test-secret-faults-test-secret";
-
-/// A `join` of `room` as `name` with a token (10 minutes) granting `grants`.
-fn join_with_grants(room: &str, name: &str, grants: Grants) -> serde_json::Value {
-    let token = issue(SECRET, room, name, None, 600, grants);
-    serde_json::json!({
-        "type": "join", "v": PROTOCOL_VERSION, "room": room, "name": name, "token": token
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_publish_grant_nothing_is_forwarded() {
     run_scenario("publish grant scenario", publish_grant()).await;
@@ -943,7 +932,7 @@ async fn without_the_publish_grant_nothing_is_forwarded() {
 /// the day it offers them `inactive`.)
 async fn publish_grant() {
     let mut cfg = server_only_config();
-    cfg.jwt_secret = Some(SECRET.to_owned());
+    cfg.jwt_secret = Some(GRANT_SECRET.to_owned());
     let server = start_server_with(cfg).await;
     let room = room_name("fault-grant");
     let msg = |name: &str, publish: bool| {
@@ -1051,7 +1040,7 @@ async fn without_the_subscribe_grant_nothing_is_forwarded_to_it_and_the_pair_sta
 /// reaches the other, and nothing reaches the restricted member.
 async fn subscribe_grant() {
     let mut cfg = test_config();
-    cfg.jwt_secret = Some(SECRET.to_owned());
+    cfg.jwt_secret = Some(GRANT_SECRET.to_owned());
     let server = start_server_with(cfg).await;
     let room = room_name("fault-subscribe");
     let msg = |name: &str, subscribe: bool| {

@@ -648,7 +648,42 @@ fn gen_turn(rng: &mut StdRng) -> Vec<u8> {
     } else {
         "elsewhere"
     };
-    let peer: std::net::SocketAddr = match rng.random_range(0..6u32) {
+    let peer: std::net::SocketAddr = match rng.random_range(0..12u32) {
+        // Inside a refused range, or at either edge of one.
+        9 | 10 => {
+            let (net, len) = targets::REFUSED_V4[rng.random_range(0..targets::REFUSED_V4.len())];
+            let host_bits = u32::MAX.checked_shr(u32::from(len)).unwrap_or(0);
+            let base = u32::from_be_bytes(net);
+            let ip = match rng.random_range(0..4u32) {
+                0 => base.wrapping_sub(1),
+                1 => base | host_bits,
+                2 => (base | host_bits).wrapping_add(1),
+                _ => base | (rng.random::<u32>() & host_bits),
+            };
+            (std::net::Ipv4Addr::from(ip), rng.random::<u16>()).into()
+        }
+        11 => {
+            let (net, len) = targets::REFUSED_V6[rng.random_range(0..targets::REFUSED_V6.len())];
+            let host_bits = u128::MAX.checked_shr(u32::from(len)).unwrap_or(0);
+            let base = u128::from(std::net::Ipv6Addr::from(net));
+            let ip = match rng.random_range(0..3u32) {
+                0 => base.wrapping_sub(1),
+                1 => (base | host_bits).wrapping_add(1),
+                _ => base | (rng.random::<u128>() & host_bits),
+            };
+            (std::net::Ipv6Addr::from(ip), rng.random::<u16>()).into()
+        }
+        6 => (
+            std::net::Ipv4Addr::from(rng.random::<u32>()),
+            rng.random::<u16>(),
+        )
+            .into(),
+        7 => (
+            std::net::Ipv6Addr::from(rng.random::<u128>()),
+            rng.random::<u16>(),
+        )
+            .into(),
+        8 => "8.8.8.8:4000".parse().unwrap(),
         0 => "198.51.100.7:4000".parse().unwrap(),
         1 => "10.1.2.3:4000".parse().unwrap(),
         2 => "127.0.0.1:7882".parse().unwrap(),

@@ -96,6 +96,18 @@ impl Member {
     }
 }
 
+/// What the grant scenarios' servers sign tokens with.
+pub const GRANT_SECRET: &str = "faults-test-secret-faults-test-secret";
+
+/// A `join` of `room` as `name` with a token (10 minutes, signed with
+/// [`GRANT_SECRET`]) granting `grants`.
+pub fn join_with_grants(room: &str, name: &str, grants: confab::auth::Grants) -> Value {
+    let token = confab::auth::issue(GRANT_SECRET, room, name, None, 600, grants);
+    serde_json::json!({
+        "type": "join", "v": PROTOCOL_VERSION, "room": room, "name": name, "token": token
+    })
+}
+
 /// Runs a media scenario alone (see `media_test_lock`) within `limit`.
 pub async fn run_scenario(
     what: &str,

@@ -916,7 +916,8 @@ async fn chat_reaches_the_room_or_one_member_and_nobody_else() {
     let (mut a, ja) = join(server.addr, &room, "Ada").await;
     let (mut b, jb) = join(server.addr, &room, "Bob").await;
     let (mut c, _) = join(server.addr, &room, "Cy").await;
-    let (mut stranger, _) = join(server.addr, &room_name("chat-other"), "S").await;
+    let (mut stranger, js) = join(server.addr, &room_name("chat-other"), "S").await;
+    let stranger_id = js["participant_id"].as_str().unwrap().to_owned();
     let a_id = ja["participant_id"].as_str().unwrap().to_owned();
     let b_id = jb["participant_id"].as_str().unwrap().to_owned();
     a.recv_type("participant_joined").await;
@@ -983,11 +984,14 @@ async fn chat_reaches_the_room_or_one_member_and_nobody_else() {
         2_000
     );
     // To oneself, to a member of another room, to nobody known.
-    for to in [a_id.as_str(), "p-ffffffff", "sfu"] {
+    for to in [a_id.as_str(), stranger_id.as_str(), "p-ffffffff", "sfu"] {
         a.send_json(json!({"type": "chat", "text": "hi", "to": to}))
             .await;
         a.expect_error("not_a_member", None).await;
     }
+    stranger.send_json(json!({"type": "ping", "id": "s"})).await;
+    let next = stranger.recv_json().await;
+    assert_eq!(next["type"], "pong", "a chat crossed rooms: {next}");
 
     // The chat rate: a burst of 10, then refusals (the socket stays open),
     // and delivery again once the bucket refills (2/s).

@@ -7,8 +7,12 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::test_config;
-use crate::harness::{run_scenario, start_call, Member, SETTLE};
+use confab::auth::Grants;
+
+use crate::common::{room_name, start_server_with, test_config};
+use crate::harness::{
+    join_member_with, join_with_grants, run_scenario, start_call, Member, GRANT_SECRET, SETTLE,
+};
 use crate::rtc_peer::{PeerConfig, NO_AUDIO_LEVEL};
 
 /// RFC 6464 levels (-dBov): a talker, a quieter talker, silence.
@@ -299,6 +303,125 @@ async fn last_n() {
          {resumed:?} after the list; keyframe requests at d after it spoke: {asked:?}"
     );
 
+    // b shares its screen: pinned before the speaker, for everyone but b,
+    // who keeps watching d.
+    let screen = |on: bool| serde_json::json!({"type": "media_state", "audio_muted": false, "video_muted": false, "screen": on});
+    b.sig().send(screen(true));
+    let pinned = Instant::now();
+    wait_forwarded(&members, "b pinned", |i| {
+        vec![ids[if i == 1 { 3 } else { 1 }].clone()]
+    })
+    .await;
+    // b toggles fast: the pin holds for its 2 s cooldown, then the last
+    // wish (not sharing) applies.
+    for on in [false, true, false, true, false] {
+        b.sig().send(screen(on));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let at_c: Vec<(Vec<String>, Instant)> = c.sig().log().forwarded_video;
+    assert_eq!(
+        at_c.last().unwrap().0,
+        vec![ids[1].clone()],
+        "the pin changes at most once per cooldown"
+    );
+    wait_forwarded(&members, "b unpinned after the cooldown", |i| {
+        vec![ids[if i == 3 { 0 } else { 3 }].clone()]
+    })
+    .await;
+    let unpinned = pinned.elapsed();
+    let flips = c
+        .sig()
+        .log()
+        .forwarded_video
+        .iter()
+        .filter(|(_, at)| *at >= pinned)
+        .count();
+    assert_eq!(
+        flips, 2,
+        "c's selection changed twice (pin, unpin), not per toggle"
+    );
+    assert!(
+        unpinned >= confab::media::last_n::PIN_COOLDOWN,
+        "{unpinned:?}"
+    );
+    eprintln!("last-n: b pinned and, after 5 fast toggles, unpinned {unpinned:?} after the pin");
+
+    for m in members {
+        m.close().await;
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_n_never_gives_a_slot_to_a_member_without_the_publish_grant() {
+    run_scenario(
+        "Last-N viewer scenario",
+        Duration::from_secs(60),
+        last_n_viewer(),
+    )
+    .await;
+}
+
+/// Last-N 1 with a viewer (no publish grant) who joined first and claims to
+/// share its screen: it is never selected, the publishers are.
+async fn last_n_viewer() {
+    let mut cfg = crate::harness::server_only_config();
+    cfg.last_n = 1;
+    cfg.jwt_secret = Some(GRANT_SECRET.to_owned());
+    let server = start_server_with(cfg).await;
+    let room = room_name("last-n-viewer");
+    let grants = |publish| Grants {
+        publish,
+        ..Grants::default()
+    };
+    let mut members = Vec::new();
+    for (name, publish) in [("v", false), ("a", true), ("b", true)] {
+        let msg = join_with_grants(&room, name, grants(publish));
+        let config = PeerConfig::video(name).with_audio();
+        members.push(join_member_with(server.addr, msg, config).await);
+    }
+    let ids: Vec<String> = members.iter().map(|m| m.id.clone()).collect();
+    // v joined first, yet a (the first publisher) is selected for v and b,
+    // and b for a.
+    let expected = |i: usize| {
+        vec![ids[if i == 2 {
+            1
+        } else if i == 1 {
+            2
+        } else {
+            1
+        }]
+        .clone()]
+    };
+    wait_forwarded(&members, "publishers only", expected).await;
+    // v claims a screen: not pinned, nobody's selection moves, and the
+    // others are told it shares nothing.
+    let lists_before: Vec<usize> = members
+        .iter()
+        .map(|m| m.sig().log().forwarded_video.len())
+        .collect();
+    members[0].sig().send(serde_json::json!(
+        {"type": "media_state", "audio_muted": false, "video_muted": false, "screen": true}
+    ));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    wait_forwarded(&members, "v's claim changes nothing", expected).await;
+    for (m, before) in members.iter().zip(&lists_before).skip(1) {
+        let log = m.sig().log();
+        assert_eq!(
+            log.forwarded_video.len(),
+            *before,
+            "{}: {:?}",
+            m.name(),
+            log.forwarded_video
+        );
+        let update = log
+            .other
+            .iter()
+            .find(|v| v["type"] == "participant_updated" && v["id"] == ids[0].as_str())
+            .unwrap_or_else(|| panic!("{}: no participant_updated for v", m.name()));
+        assert_eq!(update["screen"], false);
+    }
     for m in members {
         m.close().await;
     }

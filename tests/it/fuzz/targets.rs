@@ -371,8 +371,9 @@ pub fn turn_gate_check() -> &'static GateCheck {
 }
 
 /// The long-term key of a request's credentials if they are good: realm,
-/// a nonce, an unexpired username, and MESSAGE-INTEGRITY under the key
-/// derived from the shared secret (worked out independently of the gate).
+/// a nonce, an unexpired `<expiry>:<id>` username, and MESSAGE-INTEGRITY
+/// under the coturn REST password `base64(HMAC-SHA1(secret, username))`,
+/// all worked out here from the specification, not with Confab's code.
 fn turn_valid_key(m: &StunMessage) -> Option<Vec<u8>> {
     let text = |a| {
         stun::textattrs::TextAttribute::get_from_as(m, a)
@@ -382,12 +383,21 @@ fn turn_valid_key(m: &StunMessage) -> Option<Vec<u8>> {
     let username = text(stun::attributes::ATTR_USERNAME)?;
     let realm = text(stun::attributes::ATTR_REALM)?;
     text(stun::attributes::ATTR_NONCE)?;
-    if realm != TURN_REALM
-        || credentials::check_username(&username, std::time::SystemTime::now()).is_err()
-    {
+    let (expiry, id) = username.split_once(':')?;
+    let now = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    let current = !id.is_empty()
+        && !expiry.is_empty()
+        && expiry.bytes().all(|b| b.is_ascii_digit())
+        && expiry.parse::<u64>().is_ok_and(|e| e > now);
+    if realm != TURN_REALM || !current {
         return None;
     }
-    let password = credentials::password(TURN_SECRET, &username);
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, TURN_SECRET);
+    let password = base64::engine::general_purpose::STANDARD
+        .encode(ring::hmac::sign(&key, username.as_bytes()));
     let integrity =
         stun::integrity::MessageIntegrity::new_long_term_integrity(username, realm, password);
     let mut copy = StunMessage::new();
@@ -397,20 +407,79 @@ fn turn_valid_key(m: &StunMessage) -> Option<Vec<u8>> {
     Some(integrity.0)
 }
 
-/// Whether the policy admits the request's first XOR-PEER-ADDRESS (a
-/// permission by IP, everything else by IP and port); `None` without one.
+/// Special-purpose IPv4 ranges (RFC 6890 and successors) the relay must
+/// never reach, as (network, prefix length): written from the registry,
+/// independently of `PeerPolicy`.
+pub const REFUSED_V4: &[([u8; 4], u8)] = &[
+    ([0, 0, 0, 0], 8),       // "this network"
+    ([10, 0, 0, 0], 8),      // private
+    ([100, 64, 0, 0], 10),   // shared address space (CGN)
+    ([127, 0, 0, 0], 8),     // loopback
+    ([169, 254, 0, 0], 16),  // link local (cloud metadata)
+    ([172, 16, 0, 0], 12),   // private
+    ([192, 0, 0, 0], 24),    // IETF protocol assignments
+    ([192, 0, 2, 0], 24),    // documentation
+    ([192, 168, 0, 0], 16),  // private
+    ([198, 18, 0, 0], 15),   // benchmarking
+    ([198, 51, 100, 0], 24), // documentation
+    ([203, 0, 113, 0], 24),  // documentation
+    ([224, 0, 0, 0], 4),     // multicast
+    ([240, 0, 0, 0], 4),     // reserved, broadcast
+];
+
+/// The same for IPv6 (IPv4-mapped addresses are judged as IPv4).
+pub const REFUSED_V6: &[([u16; 8], u8)] = &[
+    ([0, 0, 0, 0, 0, 0, 0, 0], 96), // unspecified, loopback, IPv4-compatible
+    ([0x64, 0, 0, 0, 0, 0, 0, 0], 16), // NAT64 (64:ff9b::/96, 64:ff9b:1::/48) and around
+    ([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0], 32), // documentation
+    ([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7), // unique local
+    ([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10), // link local
+    ([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10), // site local (deprecated)
+    ([0xff00, 0, 0, 0, 0, 0, 0, 0], 8), // multicast
+];
+
+/// Whether `ip` is outside every refused range.
+fn public_ip(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    let in_v4 = |v4: std::net::Ipv4Addr| {
+        let bits = u32::from(v4);
+        REFUSED_V4.iter().any(|(net, len)| {
+            let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+            bits & mask == u32::from_be_bytes(*net) & mask
+        })
+    };
+    match ip {
+        IpAddr::V4(v4) => !in_v4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => !in_v4(v4),
+            None => {
+                let bits = u128::from(v6);
+                !REFUSED_V6.iter().any(|(net, len)| {
+                    let mask = u128::MAX.checked_shl(128 - u32::from(*len)).unwrap_or(0);
+                    bits & mask == u128::from(std::net::Ipv6Addr::from(*net)) & mask
+                })
+            }
+        },
+    }
+}
+
+/// Whether the relay may reach the request's first XOR-PEER-ADDRESS, from
+/// [`public_ip`] and the one exception (the SFU's exact address; a
+/// permission names an IP only); `None` without one.
 fn turn_peer_allowed(m: &StunMessage) -> Option<bool> {
     use stun::message::Getter as _;
     let mut peer = turn::proto::peeraddr::PeerAddress::default();
     peer.get_from(m).ok()?;
-    let policy = PeerPolicy {
-        allow_loopback: false,
-        exceptions: vec![TURN_SFU.parse().unwrap()],
+    let sfu: std::net::SocketAddr = TURN_SFU.parse().unwrap();
+    let canonical = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
     };
+    let is_sfu_ip = canonical(peer.ip) == sfu.ip();
     Some(if m.typ.method == stun::message::METHOD_CREATE_PERMISSION {
-        policy.allows_permission(peer.ip)
+        public_ip(peer.ip) || is_sfu_ip
     } else {
-        policy.allows_addr(std::net::SocketAddr::new(peer.ip, peer.port))
+        public_ip(peer.ip) || (is_sfu_ip && peer.port == sfu.port())
     })
 }
 
