@@ -684,12 +684,22 @@ impl Sfu {
             .map(|(_, k)| *k)
     }
 
+    /// Sends an event to the room of `router` (dropped, with a warning, if
+    /// the room is not reading).
     fn emit(&self, router: RouterId, event: MediaEvent) {
-        if let Some(r) = self.routers.get(&router) {
-            if r.events.try_send(event).is_err() {
-                tracing::warn!(router, "room is not reading media events; one dropped");
-            }
+        self.try_emit(router, event);
+    }
+
+    /// [`Sfu::emit`], telling whether the event was queued.
+    fn try_emit(&self, router: RouterId, event: MediaEvent) -> bool {
+        let Some(r) = self.routers.get(&router) else {
+            return false;
+        };
+        if r.events.try_send(event).is_err() {
+            tracing::warn!(router, "room is not reading media events; one dropped");
+            return false;
         }
+        true
     }
 
     fn on_command(&mut self, command: MediaCommand) {
@@ -944,14 +954,22 @@ impl Sfu {
             }
             if entry.forwarded_video.as_ref() != Some(&selection) {
                 entry.forwarded_video = Some(selection.clone());
-                events.push(MediaEvent::ForwardedVideo {
-                    participant: subscriber.clone(),
-                    ids: selection,
-                });
+                events.push((
+                    *key,
+                    MediaEvent::ForwardedVideo {
+                        participant: subscriber.clone(),
+                        ids: selection,
+                    },
+                ));
             }
         }
-        for event in events {
-            self.emit(router, event);
+        for (key, event) in events {
+            if !self.try_emit(router, event) {
+                // Told nothing: tell it at the next change.
+                if let Some(entry) = self.legs.get_mut(&key) {
+                    entry.forwarded_video = None;
+                }
+            }
         }
         for publisher in released {
             self.request_keyframe(router, &publisher, now, false);
