@@ -17,9 +17,14 @@ use std::time::Instant;
 
 use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
 use rtc::interceptor::TaggedPacket;
-use rtc::interceptor::{Attribute, Interceptor, Packet as IPacket, Registry, Slot, StreamInfo};
+use rtc::interceptor::{
+    Attribute, Interceptor, NackGeneratorBuilder, NackResponderBuilder, Packet as IPacket,
+    Registry, Slot, StreamInfo,
+};
 use rtc::media_stream::MediaStreamTrack;
-use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::interceptor_registry::{
+    configure_rtcp_reports, configure_simulcast_extension_headers, configure_twcc_receiver_only,
+};
 use rtc::peer_connection::configuration::media_engine::{
     MediaEngine, MIME_TYPE_OPUS, MIME_TYPE_VP8,
 };
@@ -46,8 +51,15 @@ use super::forwarder::{DownTrackParams, Drop as FwdDrop, Forwarder, Verdict};
 use super::speaker::LevelMeter;
 use crate::signaling::protocol::LegState;
 
-/// SRTP replay window (packets): as long as the NACK responder's buffer.
+/// SRTP replay window (packets): as long as a publisher's NACK buffer
+/// (browsers and rtc keep 1024 packets), so that its late retransmissions
+/// are not refused as replays.
 const SRTP_REPLAY_WINDOW: usize = 1024;
+/// Packets each video downtrack keeps for retransmission (a power of two):
+/// 3.3 s of 1.5 Mbit/s video, 0.8 s at 6 Mbit/s, far beyond what a NACK
+/// can still repair in time. rtc's default is 1024, a slot array of about
+/// 128 KiB per downtrack: most of a member's memory in a large room.
+const NACK_BUFFER: u16 = 512;
 /// SRTCP replay window (packets; the engine's default is 64).
 const SRTCP_REPLAY_WINDOW: usize = 128;
 
@@ -403,6 +415,34 @@ fn downtrack_media(publisher: &str, kind: Kind, ssrc: u32) -> (String, MediaStre
     (track_id, track)
 }
 
+/// rtc's default interceptors (`register_default_interceptors`) with a
+/// smaller NACK buffer ([`NACK_BUFFER`]): the NACK responder and generator
+/// (and their feedback types), the simulcast header extensions, TWCC
+/// feedback to publishers, and RTCP reports.
+fn default_interceptors(
+    registry: Registry,
+    media_engine: &mut MediaEngine,
+) -> Result<Registry, LegError> {
+    for parameter in ["", "pli"] {
+        media_engine.register_feedback(
+            RTCPFeedback {
+                typ: "nack".to_owned(),
+                parameter: parameter.to_owned(),
+            },
+            RtpCodecKind::Video,
+        );
+    }
+    let registry = registry
+        .with(
+            Slot::NackResponder,
+            NackResponderBuilder::new().with_size(NACK_BUFFER).build(),
+        )
+        .with(Slot::NackGenerator, NackGeneratorBuilder::new().build());
+    configure_simulcast_extension_headers(media_engine).map_err(err)?;
+    let registry = configure_twcc_receiver_only(registry, media_engine).map_err(err)?;
+    Ok(configure_rtcp_reports(registry))
+}
+
 /// RFC 6464's header extension: the audio level of each packet.
 pub const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
 
@@ -599,7 +639,7 @@ impl Leg {
                 Slot::from(NACK_GUARD_SLOT),
                 NackGuard::new(counters, reads.clone()),
             );
-        let registry = register_default_interceptors(registry, &mut media_engine).map_err(err)?;
+        let registry = default_interceptors(registry, &mut media_engine)?;
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_setting_engine(setting_engine)
@@ -1015,6 +1055,50 @@ impl Leg {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_interceptors_are_rtcs_defaults_with_a_smaller_nack_buffer() {
+        use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+        // The same chain and the same negotiated feedback and extensions as
+        // rtc's defaults: compare the registries and an offer of each.
+        let offer = |custom: bool| {
+            let mut me = MediaEngine::default();
+            me.register_codec(
+                RTCRtpCodecParameters {
+                    rtp_codec: vp8(),
+                    payload_type: PT_VP8,
+                },
+                RtpCodecKind::Video,
+            )
+            .unwrap();
+            let registry = if custom {
+                default_interceptors(Registry::new(), &mut me).unwrap()
+            } else {
+                register_default_interceptors(Registry::new(), &mut me).unwrap()
+            };
+            let slots = registry.slots();
+            let mut pc = RTCPeerConnectionBuilder::new()
+                .with_media_engine(me)
+                .with_interceptor_registry(registry)
+                .build(Instant::now())
+                .unwrap();
+            pc.add_transceiver_from_kind(RtpCodecKind::Video, None)
+                .unwrap();
+            let sdp = pc.create_offer(None).unwrap().sdp;
+            // (rtc writes the extensions in hash order.)
+            let mut negotiated: Vec<String> = sdp
+                .lines()
+                .filter(|l| l.starts_with("a=rtcp-fb") || l.starts_with("a=extmap"))
+                .map(str::to_owned)
+                .collect();
+            negotiated.sort();
+            (slots, negotiated)
+        };
+        let (ours, theirs) = (offer(true), offer(false));
+        assert_eq!(ours.0, theirs.0, "the same interceptors in the same order");
+        assert_eq!(ours.1, theirs.1, "the same feedback and header extensions");
+        assert!(ours.1.iter().any(|l| l.ends_with(" nack")), "{:?}", ours.1);
+    }
 
     fn guard() -> NackGuard {
         NackGuard::new(LegCounters::default(), Default::default())
