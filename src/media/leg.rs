@@ -4,9 +4,9 @@
 //!
 //! Layout of every leg (the server always offers, see `docs/protocol.md`):
 //! transceiver 0 receives the participant's audio, transceiver 1 its video
-//! (the *publish* slots); then each other member of the room has one audio
-//! and one video [`DownTrack`] (sendonly, msid stream id = that member's
-//! participant id).
+//! (the *publish* slots); then each other member of the room that holds the
+//! publish grant has one audio and one video [`DownTrack`] (sendonly, msid
+//! stream id = that member's participant id).
 //!
 //! Life: created → offered → (answer) connected ⇄ disconnected → closed.
 //! A leg is never reused after it is closed.
@@ -811,9 +811,10 @@ impl Leg {
 
     /// Stops the downtracks of `publisher`: their sections go `inactive` in
     /// the next offer and are kept for the next publisher (see `reuse`).
-    pub fn remove_downtracks(&mut self, publisher: &str) {
+    /// Returns whether there were any (the leg then needs an offer).
+    pub fn remove_downtracks(&mut self, publisher: &str) -> bool {
         let Some(tracks) = self.downtracks.remove(publisher) else {
-            return;
+            return false;
         };
         let retired_in = self.offer_generation + 1;
         for (kind, mut track) in [Kind::Audio, Kind::Video].into_iter().zip(tracks) {
@@ -830,6 +831,7 @@ impl Leg {
                 retired_in,
             });
         }
+        true
     }
 
     /// Creates the next offer, unless one is outstanding (then the change

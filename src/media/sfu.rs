@@ -876,13 +876,21 @@ impl Sfu {
         let others: Vec<(String, LegKey)> = r.legs.clone();
         let key = self.next_key;
         self.next_key += 1;
-        // The newcomer receives every existing member; every existing member
-        // receives the newcomer.
+        // The newcomer receives every existing member that may publish;
+        // every existing member receives the newcomer if it may publish.
+        // A member without the publish grant (a webinar's viewer) adds no
+        // section to anyone's SDP: its join and departure renegotiate
+        // nobody else.
         for (other, other_key) in &others {
-            if let Err(e) = leg.add_downtracks(other) {
-                tracing::error!(error = %e, "cannot add downtracks");
+            let Some(entry) = self.legs.get_mut(other_key) else {
+                continue;
+            };
+            if entry.leg.may_publish {
+                if let Err(e) = leg.add_downtracks(other) {
+                    tracing::error!(error = %e, "cannot add downtracks");
+                }
             }
-            if let Some(entry) = self.legs.get_mut(other_key) {
+            if publish {
                 if let Err(e) = entry.leg.add_downtracks(&participant) {
                     tracing::error!(error = %e, "cannot add downtracks");
                 }
@@ -1006,10 +1014,13 @@ impl Sfu {
         };
         self.drop_leg(key);
         for other in others {
-            if let Some(entry) = self.legs.get_mut(&other) {
-                entry.leg.remove_downtracks(participant);
+            let removed = self
+                .legs
+                .get_mut(&other)
+                .is_some_and(|entry| entry.leg.remove_downtracks(participant));
+            if removed {
+                self.renegotiate(router, other, now);
             }
-            self.renegotiate(router, other, now);
         }
         self.apply_last_n(router, now);
     }

@@ -920,6 +920,63 @@ async fn replay_and_plain() {
 // ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_without_the_publish_grant_costs_the_others_no_renegotiation() {
+    run_scenario("viewer cost scenario", viewer_cost()).await;
+}
+
+/// A webinar: two publishers, then a viewer (subscribe only) joins and
+/// leaves. It receives both; the publishers' legs are never renegotiated
+/// for it and their SDPs never name it.
+async fn viewer_cost() {
+    let mut cfg = server_only_config();
+    cfg.jwt_secret = Some(GRANT_SECRET.to_owned());
+    let server = start_server_with(cfg).await;
+    let room = room_name("fault-viewer");
+    let msg = |name: &str, publish: bool| {
+        let grants = Grants {
+            publish,
+            ..Grants::default()
+        };
+        join_with_grants(&room, name, grants)
+    };
+    let a = join_member_with(server.addr, msg("a", true), PeerConfig::video("a")).await;
+    let b = join_member_with(server.addr, msg("b", true), PeerConfig::video("b")).await;
+    wait_all_via_server(&[&a, &b]).await;
+    let offers = offer_counts(&[&a, &b]);
+    let v = join_member_with(server.addr, msg("v", false), PeerConfig::video("v")).await;
+    for p in [&a, &b] {
+        v.peer
+            .wait_rendering(&p.tags(), Path::Server, SETTLE)
+            .await
+            .unwrap_or_else(|e| panic!("the viewer does not receive {}: {e}", p.name()));
+    }
+    let v_offer = v.sig().log().server_offers.last().unwrap().1.clone();
+    let v_id = v.id.clone();
+    v.close().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        offer_counts(&[&a, &b]),
+        offers,
+        "a viewer's join and departure renegotiate no publisher"
+    );
+    for p in [&a, &b] {
+        let log = p.sig().log();
+        assert!(
+            log.server_offers
+                .iter()
+                .all(|(_, sdp)| !sdp.contains(&v_id)),
+            "{}'s SDP names the viewer",
+            p.name()
+        );
+    }
+    // The viewer's own leg has the publishers' sections (and its publish
+    // slots): 2 + 2 × 2 media sections.
+    assert_eq!(v_offer.matches("\r\nm=").count(), 6, "{v_offer}");
+    eprintln!("viewer: offers at the publishers {offers:?} before and after its visit");
+    finish(vec![a, b], server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_publish_grant_nothing_is_forwarded() {
     run_scenario("publish grant scenario", publish_grant()).await;
 }
