@@ -112,6 +112,11 @@ pub struct LoadArgs {
     /// SRTP profile the simulated clients negotiate (`gcm` or `aes-cm`).
     #[arg(long, default_value = "gcm")]
     pub srtp: SrtpChoice,
+    /// Subscribers join with subscribe-only tokens (a webinar's viewers):
+    /// the started server gets a random secret, publishers get every grant.
+    /// Not with --server or --janus.
+    #[arg(long)]
+    pub viewer_tokens: bool,
     /// Attach to a running server (its HTTP address) instead of starting
     /// one; it must route every room through the server (`--never-p2p`)
     /// and allow the room sizes used.
@@ -380,13 +385,27 @@ fn run_inner(mut args: LoadArgs) -> Result<i32, String> {
     if args.janus.is_some() && args.scenario != Scenario::Fanout {
         return Err("--janus supports the fanout scenario only".into());
     }
+    if args.viewer_tokens && (args.server.is_some() || args.janus.is_some()) {
+        return Err("--viewer-tokens needs the server this tool starts".into());
+    }
+    // The secret of the started server's tokens, with --viewer-tokens.
+    let secret = args.viewer_tokens.then(|| {
+        (0..32)
+            .map(|_| format!("{:x}", rand::random::<u8>() & 0xf))
+            .collect::<String>()
+    });
     let (server, http, pid) = match args.server {
         _ if args.janus.is_some() => (None, SocketAddr::from(([127, 0, 0, 1], 1)), args.server_pid),
         Some(http) => (None, http, args.server_pid),
         None => {
             let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-            let s =
-                probe::SpawnedServer::start(&exe, pinned.map(|(s, _)| s), false, max_room.max(16))?;
+            let s = probe::SpawnedServer::start(
+                &exe,
+                pinned.map(|(s, _)| s),
+                false,
+                max_room.max(16),
+                secret.as_deref(),
+            )?;
             let (http, pid) = (s.http, s.pid());
             (Some(s), http, Some(pid))
         }
@@ -396,7 +415,10 @@ fn run_inner(mut args: LoadArgs) -> Result<i32, String> {
         .build()
         .map_err(|e| e.to_string())?;
     let local = tokio::task::LocalSet::new();
-    let report = local.block_on(&runtime, orchestrate(&args, http, pid, ceiling, pinned));
+    let report = local.block_on(
+        &runtime,
+        orchestrate(&args, http, pid, ceiling, pinned, secret.as_deref()),
+    );
     drop(server);
     let report = report?;
     match args.json.as_deref() {
@@ -427,6 +449,7 @@ async fn orchestrate(
     pid: Option<u32>,
     ceiling: Option<Ceiling>,
     pinned: Option<(usize, usize)>,
+    secret: Option<&str>,
 ) -> Result<Report, String> {
     let deadline = Instant::now() + Duration::from_secs(args.max_secs);
     let stats = Rc::new(RefCell::new(Stats::new()));
@@ -480,10 +503,20 @@ async fn orchestrate(
                 } else {
                     None
                 };
+                let name = format!("load{joined}");
+                // Publishers hold every grant, the others only watch.
+                let token = secret.map(|secret| {
+                    let grants = crate::auth::Grants {
+                        publish: media.is_some(),
+                        ..crate::auth::Grants::default()
+                    };
+                    crate::auth::issue(secret, &room, &name, None, 3600, grants)
+                });
                 let spec = JoinSpec {
                     http,
                     room: room.clone(),
-                    name: format!("load{joined}"),
+                    name,
+                    token,
                     media,
                     srtp: args.srtp,
                     join_timeout,

@@ -220,6 +220,8 @@ pub struct JoinSpec {
     pub room: String,
     /// Display name.
     pub name: String,
+    /// Join token, when the server checks them.
+    pub token: Option<String>,
     /// What it publishes (`None`: subscribes only).
     pub media: Option<MediaPlan>,
     /// SRTP profile the endpoint offers.
@@ -314,7 +316,10 @@ async fn run_inner(
             .await
             .map_err(|_| "WebSocket connect timed out".to_owned())?
             .map_err(|e| format!("WebSocket: {e}"))?;
-            let join = json!({"type": "join", "v": 2, "room": spec.room, "name": spec.name});
+            let mut join = json!({"type": "join", "v": 2, "room": spec.room, "name": spec.name});
+            if let Some(token) = &spec.token {
+                join["token"] = json!(token);
+            }
             ws.send(Message::Text(join.to_string().into()))
                 .await
                 .map_err(|e| e.to_string())?;

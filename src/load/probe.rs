@@ -26,6 +26,7 @@ impl SpawnedServer {
         cpu: Option<usize>,
         gcm_only: bool,
         max_participants: usize,
+        jwt_secret: Option<&str>,
     ) -> Result<SpawnedServer, String> {
         let mut args: Vec<String> = Vec::new();
         let program = match cpu {
@@ -60,6 +61,9 @@ impl SpawnedServer {
         );
         if gcm_only {
             args.push("--srtp-gcm-only".into());
+        }
+        if let Some(secret) = jwt_secret {
+            args.extend(["--jwt-secret".into(), secret.to_owned()]);
         }
         let mut child = Command::new(&program)
             .args(&args)

@@ -6,8 +6,9 @@ use std::process::Command;
 
 use serde_json::Value;
 
-#[test]
-fn load_generator_smoke() {
+/// Runs one short fan-out step (one publisher, two subscribers) with
+/// `extra` arguments and returns its step report after the common checks.
+fn smoke(extra: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_confab"))
         .args([
             "load",
@@ -27,6 +28,7 @@ fn load_generator_smoke() {
             "--json",
             "-",
         ])
+        .args(extra)
         .output()
         .expect("confab load runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -63,4 +65,17 @@ fn load_generator_smoke() {
     assert!(us > 0.0 && us < 100_000.0, "server µs per packet {us}");
     assert!(step["server_rss_mib"].as_f64().is_some_and(|m| m > 1.0));
     assert!(step["join_ms_p50"].as_f64().is_some_and(|j| j > 0.0));
+    step.clone()
+}
+
+#[test]
+fn load_generator_smoke() {
+    smoke(&[]);
+}
+
+/// With subscribe-only tokens the subscribers are viewers of a server
+/// that checks tokens, and still receive everything.
+#[test]
+fn load_generator_smoke_with_viewer_tokens() {
+    smoke(&["--viewer-tokens"]);
 }
