@@ -24,12 +24,8 @@ use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
-use rtc::interceptor::{NackResponderBuilder, Registry, Slot};
+use rtc::interceptor::{Registry, Slot};
 use rtc::media_stream::MediaStreamTrack;
-use rtc::peer_connection::configuration::interceptor_registry::{
-    configure_rtcp_reports, configure_simulcast_extension_headers, configure_twcc_receiver_only,
-    register_default_interceptors,
-};
 use rtc::peer_connection::configuration::media_engine::{
     MediaEngine, MIME_TYPE_OPUS, MIME_TYPE_VP8,
 };
@@ -41,12 +37,14 @@ use rtc::peer_connection::transport::{
 };
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
-    RTCRtpEncodingParameters, RtpCodecKind,
+    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
+    RtpCodecKind,
 };
 use rtc::rtp_transceiver::RTCRtpSenderId;
 
-use crate::media::leg::{DeliverRtcp, Kind, DELIVER_RTCP_SLOT};
+use crate::media::leg::{
+    default_interceptors, DeliverRtcp, Kind, DELIVER_RTCP_SLOT, RTC_NACK_BUFFER,
+};
 
 /// Magic after the codec prefix of every load payload.
 pub const MAGIC: [u8; 4] = *b"CFLD";
@@ -259,27 +257,10 @@ impl Endpoint {
             Slot::from(DELIVER_RTCP_SLOT as usize),
             DeliverRtcp::default(),
         );
-        let registry = if nack {
-            register_default_interceptors(registry, &mut media_engine).map_err(err)?
-        } else {
-            // The defaults less the NACK generator: NACK is still
-            // negotiated (so the server buffers for retransmission as it
-            // does for a browser), it is just never asked for.
-            for parameter in ["", "pli"] {
-                media_engine.register_feedback(
-                    RTCPFeedback {
-                        typ: "nack".to_owned(),
-                        parameter: parameter.to_owned(),
-                    },
-                    RtpCodecKind::Video,
-                );
-            }
-            let registry = registry.with(Slot::NackResponder, NackResponderBuilder::new().build());
-            configure_simulcast_extension_headers(&mut media_engine).map_err(err)?;
-            let registry =
-                configure_twcc_receiver_only(registry, &mut media_engine).map_err(err)?;
-            configure_rtcp_reports(registry)
-        };
+        // rtc's defaults; without `nack`, less the NACK generator: NACK is
+        // still negotiated (so the server buffers for retransmission as it
+        // does for a browser), it is just never asked for.
+        let registry = default_interceptors(registry, &mut media_engine, RTC_NACK_BUFFER, nack)?;
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_setting_engine(setting_engine)

@@ -60,6 +60,8 @@ const SRTP_REPLAY_WINDOW: usize = 1024;
 /// can still repair in time. rtc's default is 1024, a slot array of about
 /// 128 KiB per downtrack: most of a member's memory in a large room.
 const NACK_BUFFER: u16 = 512;
+/// rtc's own NACK buffer size (`NackResponderBuilder::default`).
+pub(crate) const RTC_NACK_BUFFER: u16 = 1024;
 /// SRTCP replay window (packets; the engine's default is 64).
 const SRTCP_REPLAY_WINDOW: usize = 128;
 
@@ -416,12 +418,16 @@ fn downtrack_media(publisher: &str, kind: Kind, ssrc: u32) -> (String, MediaStre
 }
 
 /// rtc's default interceptors (`register_default_interceptors`) with a
-/// smaller NACK buffer ([`NACK_BUFFER`]): the NACK responder and generator
-/// (and their feedback types), the simulcast header extensions, TWCC
-/// feedback to publishers, and RTCP reports.
-fn default_interceptors(
+/// NACK buffer of `nack_buffer` packets per sender stream (a power of two;
+/// rtc's default is [`RTC_NACK_BUFFER`], server legs use [`NACK_BUFFER`]):
+/// the NACK responder, the NACK generator if `nack_generator` (NACK is
+/// negotiated either way), the simulcast header extensions, TWCC feedback
+/// to publishers, and RTCP reports.
+pub(crate) fn default_interceptors(
     registry: Registry,
     media_engine: &mut MediaEngine,
+    nack_buffer: u16,
+    nack_generator: bool,
 ) -> Result<Registry, LegError> {
     for parameter in ["", "pli"] {
         media_engine.register_feedback(
@@ -432,12 +438,13 @@ fn default_interceptors(
             RtpCodecKind::Video,
         );
     }
-    let registry = registry
-        .with(
-            Slot::NackResponder,
-            NackResponderBuilder::new().with_size(NACK_BUFFER).build(),
-        )
-        .with(Slot::NackGenerator, NackGeneratorBuilder::new().build());
+    let mut registry = registry.with(
+        Slot::NackResponder,
+        NackResponderBuilder::new().with_size(nack_buffer).build(),
+    );
+    if nack_generator {
+        registry = registry.with(Slot::NackGenerator, NackGeneratorBuilder::new().build());
+    }
     configure_simulcast_extension_headers(media_engine).map_err(err)?;
     let registry = configure_twcc_receiver_only(registry, media_engine).map_err(err)?;
     Ok(configure_rtcp_reports(registry))
@@ -639,7 +646,7 @@ impl Leg {
                 Slot::from(NACK_GUARD_SLOT),
                 NackGuard::new(counters, reads.clone()),
             );
-        let registry = default_interceptors(registry, &mut media_engine)?;
+        let registry = default_interceptors(registry, &mut media_engine, NACK_BUFFER, true)?;
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_setting_engine(setting_engine)
@@ -1074,7 +1081,7 @@ mod tests {
             )
             .unwrap();
             let registry = if custom {
-                default_interceptors(Registry::new(), &mut me).unwrap()
+                default_interceptors(Registry::new(), &mut me, NACK_BUFFER, true).unwrap()
             } else {
                 register_default_interceptors(Registry::new(), &mut me).unwrap()
             };
