@@ -933,9 +933,8 @@ impl Sfu {
         if !r.last_n.enabled() {
             return;
         }
-        let members: Vec<&str> = r.legs.iter().map(|(p, _)| p.as_str()).collect();
         // Members without the publish grant send nothing that is forwarded:
-        // they never take a slot.
+        // they never take a slot (and have no downtracks to hold).
         let publishers: Vec<&str> = r
             .legs
             .iter()
@@ -950,7 +949,7 @@ impl Sfu {
                 continue;
             };
             let selection = r.last_n.select(&ranking, subscriber);
-            for publisher in &members {
+            for publisher in &publishers {
                 if *publisher != subscriber
                     && entry
                         .leg
