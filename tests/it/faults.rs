@@ -24,9 +24,9 @@ use crate::common::{
     TestServer, WsClient, PROTOCOL_VERSION, STEP,
 };
 use crate::harness::{
-    close_all, finish, join_member, join_member_with, join_members, join_with_grants, offer_counts,
-    server_only_config, stream_pairs, wait_all_mode, wait_all_via_server, wait_left,
-    wait_offer_answered, Member, GRANT_SECRET, SETTLE,
+    close_all, finish, join_member, join_member_with, join_members, join_publishing,
+    join_with_grants, offer_counts, server_only_config, stream_pairs, wait_all_mode,
+    wait_all_via_server, wait_left, wait_offer_answered, with_tokens, Member, SETTLE,
 };
 use crate::lossy_proxy::{LossyProxy, Towards};
 use crate::rtc_peer::{Path, PeerConfig, RtcPeer, SdpRewrite, VIDEO_PAYLOAD_TYPE};
@@ -928,17 +928,9 @@ async fn a_member_without_the_publish_grant_costs_the_others_no_renegotiation() 
 /// leaves. It receives both; the publishers' legs are never renegotiated
 /// for it and their SDPs never name it.
 async fn viewer_cost() {
-    let mut cfg = server_only_config();
-    cfg.jwt_secret = Some(GRANT_SECRET.to_owned());
-    let server = start_server_with(cfg).await;
+    let server = start_server_with(with_tokens(server_only_config())).await;
     let room = room_name("fault-viewer");
-    let msg = |name: &str, publish: bool| {
-        let grants = Grants {
-            publish,
-            ..Grants::default()
-        };
-        join_with_grants(&room, name, grants)
-    };
+    let msg = |name: &str, publish: bool| join_publishing(&room, name, publish);
     let a = join_member_with(server.addr, msg("a", true), PeerConfig::video("a")).await;
     let b = join_member_with(server.addr, msg("b", true), PeerConfig::video("b")).await;
     wait_all_via_server(&[&a, &b]).await;
@@ -988,17 +980,9 @@ async fn without_the_publish_grant_nothing_is_forwarded() {
 /// the server offers them `recvonly` today, so that is a no-op kept for
 /// the day it offers them `inactive`.)
 async fn publish_grant() {
-    let mut cfg = server_only_config();
-    cfg.jwt_secret = Some(GRANT_SECRET.to_owned());
-    let server = start_server_with(cfg).await;
+    let server = start_server_with(with_tokens(server_only_config())).await;
     let room = room_name("fault-grant");
-    let msg = |name: &str, publish: bool| {
-        let grants = Grants {
-            publish,
-            ..Grants::default()
-        };
-        join_with_grants(&room, name, grants)
-    };
+    let msg = |name: &str, publish: bool| join_publishing(&room, name, publish);
     // The first two media sections (the publish slots) become recvonly.
     let mut hostile = PeerConfig::video("x").with_audio();
     hostile.server_offer_rewrite = Some(SdpRewrite(std::sync::Arc::new(|sdp: &str| {
@@ -1096,9 +1080,7 @@ async fn without_the_subscribe_grant_nothing_is_forwarded_to_it_and_the_pair_sta
 /// direct path would bypass the grant), the restricted member's media
 /// reaches the other, and nothing reaches the restricted member.
 async fn subscribe_grant() {
-    let mut cfg = test_config();
-    cfg.jwt_secret = Some(GRANT_SECRET.to_owned());
-    let server = start_server_with(cfg).await;
+    let server = start_server_with(with_tokens(test_config())).await;
     let room = room_name("fault-subscribe");
     let msg = |name: &str, subscribe: bool| {
         let grants = Grants {

@@ -108,6 +108,21 @@ pub fn join_with_grants(room: &str, name: &str, grants: confab::auth::Grants) ->
     })
 }
 
+/// `cfg` with join tokens required, signed with [`GRANT_SECRET`].
+pub fn with_tokens(mut cfg: Config) -> Config {
+    cfg.jwt_secret = Some(GRANT_SECRET.to_owned());
+    cfg
+}
+
+/// A `join` with every grant, the publish grant only if `publish`.
+pub fn join_publishing(room: &str, name: &str, publish: bool) -> Value {
+    let grants = confab::auth::Grants {
+        publish,
+        ..confab::auth::Grants::default()
+    };
+    join_with_grants(room, name, grants)
+}
+
 /// Runs a media scenario alone (see `media_test_lock`) within `limit`.
 pub async fn run_scenario(
     what: &str,

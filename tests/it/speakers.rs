@@ -7,13 +7,12 @@
 
 use std::time::{Duration, Instant};
 
-use confab::auth::Grants;
-
 use crate::common::{room_name, start_server_with, test_config};
 use crate::harness::{
-    join_member_with, join_with_grants, run_scenario, start_call, Member, GRANT_SECRET, SETTLE,
+    join_member_with, join_publishing, run_scenario, server_only_config, start_call, with_tokens,
+    Member, SETTLE,
 };
-use crate::rtc_peer::{PeerConfig, NO_AUDIO_LEVEL};
+use crate::rtc_peer::{PeerConfig, SignalingLog, NO_AUDIO_LEVEL};
 
 /// RFC 6464 levels (-dBov): a talker, a quieter talker, silence.
 const LOUD: u8 = 10;
@@ -29,31 +28,42 @@ fn set_level(m: &Member, level: u8) {
 }
 
 /// Every `active_speakers` list `m` received, with its arrival.
-fn lists(m: &Member) -> Vec<(Vec<String>, Instant)> {
+fn lists(m: &Member) -> IdLists {
     m.sig().log().speakers
 }
 
-/// Waits until every member's latest list satisfies `ok`; returns how long
-/// after `since` the slowest member got it.
-async fn wait_lists(
+/// Lists of id lists with their arrival (`active_speakers`, `forwarded_video`).
+type IdLists = Vec<(Vec<String>, Instant)>;
+
+/// Waits until the latest entry of every member's `list` (a list of its
+/// signaling log) arrived after `since` (if given) and satisfies
+/// `ok(member index, ids)`; returns how long after `since` the slowest
+/// member got it.
+async fn wait_latest(
     members: &[Member],
-    since: Instant,
     what: &str,
-    ok: impl Fn(&[String]) -> bool,
+    list: fn(&SignalingLog) -> &IdLists,
+    since: Option<Instant>,
+    ok: impl Fn(usize, &[String]) -> bool,
 ) -> Duration {
     let deadline = Instant::now() + SETTLE;
     loop {
-        let latest: Vec<Option<(Vec<String>, Instant)>> =
-            members.iter().map(|m| lists(m).last().cloned()).collect();
+        let latest: Vec<Option<(Vec<String>, Instant)>> = members
+            .iter()
+            .map(|m| list(&m.sig().log()).last().cloned())
+            .collect();
+        let fresh = |at: &Instant| since.is_none_or(|s| *at >= s);
         if latest
             .iter()
-            .all(|l| l.as_ref().is_some_and(|(ids, at)| *at >= since && ok(ids)))
+            .enumerate()
+            .all(|(i, l)| l.as_ref().is_some_and(|(ids, at)| fresh(at) && ok(i, ids)))
         {
             return latest
                 .iter()
-                .map(|l| l.as_ref().unwrap().1 - since)
+                .flatten()
+                .map(|(_, at)| since.map_or(Duration::ZERO, |s| *at - s))
                 .max()
-                .unwrap();
+                .unwrap_or_default();
         }
         assert!(
             Instant::now() < deadline,
@@ -65,6 +75,25 @@ async fn wait_lists(
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Waits until every member's latest `active_speakers` list, received
+/// after `since`, satisfies `ok`; returns how long after `since` the
+/// slowest member got it.
+async fn wait_lists(
+    members: &[Member],
+    since: Instant,
+    what: &str,
+    ok: impl Fn(&[String]) -> bool,
+) -> Duration {
+    wait_latest(
+        members,
+        what,
+        |l| &l.speakers,
+        Some(since),
+        |_, ids| ok(ids),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,31 +205,8 @@ fn received_from(at: &Member, from: &Member) -> (usize, usize) {
 
 /// Waits until every member's latest `forwarded_video` is `expected(i)`.
 async fn wait_forwarded(members: &[Member], what: &str, expected: impl Fn(usize) -> Vec<String>) {
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let latest: Vec<Option<Vec<String>>> = members
-            .iter()
-            .map(|m| {
-                m.sig()
-                    .log()
-                    .forwarded_video
-                    .last()
-                    .map(|(ids, _)| ids.clone())
-            })
-            .collect();
-        if latest
-            .iter()
-            .enumerate()
-            .all(|(i, l)| l.as_ref() == Some(&expected(i)))
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not reached within {SETTLE:?}; latest: {latest:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let is_expected = |i: usize, ids: &[String]| ids == expected(i).as_slice();
+    wait_latest(members, what, |l| &l.forwarded_video, None, is_expected).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,18 +372,13 @@ async fn last_n_never_gives_a_slot_to_a_member_without_the_publish_grant() {
 /// Last-N 1 with a viewer (no publish grant) who joined first and claims to
 /// share its screen: it is never selected, the publishers are.
 async fn last_n_viewer() {
-    let mut cfg = crate::harness::server_only_config();
+    let mut cfg = with_tokens(server_only_config());
     cfg.last_n = 1;
-    cfg.jwt_secret = Some(GRANT_SECRET.to_owned());
     let server = start_server_with(cfg).await;
     let room = room_name("last-n-viewer");
-    let grants = |publish| Grants {
-        publish,
-        ..Grants::default()
-    };
     let mut members = Vec::new();
     for (name, publish) in [("v", false), ("a", true), ("b", true)] {
-        let msg = join_with_grants(&room, name, grants(publish));
+        let msg = join_publishing(&room, name, publish);
         let config = PeerConfig::video(name).with_audio();
         members.push(join_member_with(server.addr, msg, config).await);
     }
