@@ -35,6 +35,11 @@ const SWAP_FRAME_GRACE_MS = 1_000;
 
 const PATHS = Object.freeze(['direct', 'server']);
 
+/** Whether a member shows no video: camera off and no screen shared instead. */
+function cameraOff(member) {
+  return member.video_muted && !member.screen;
+}
+
 /** Frame rate asked of a screen capture: enough for slides and scrolling, cheap to send. */
 const SCREEN_FPS = 15;
 
@@ -268,10 +273,17 @@ class Tile {
     for (const video of Object.values(this.videos)) video.setAttribute('aria-label', label);
   }
 
-  setMuted({ audio, video }) {
+  /**
+   * Microphone and camera state. A shared screen (`screen`) replaces the
+   * camera: the tile then shows video, whole (not cropped) and never
+   * mirrored, whatever the camera's state.
+   */
+  setMuted({ audio, video, screen = false }) {
+    const cameraOff = Boolean(video) && !screen;
     this.el.querySelector('.mic-off').hidden = !audio;
-    this.el.querySelector('.cam-off').hidden = !video;
-    this.el.dataset.cameraOff = String(Boolean(video));
+    this.el.querySelector('.cam-off').hidden = !cameraOff;
+    this.el.dataset.cameraOff = String(cameraOff);
+    this.el.dataset.screen = String(Boolean(screen));
   }
 
   /** Attaches `stream` (or nothing) to the <video> of `path`. Does not change what is rendered. */
@@ -344,11 +356,6 @@ class Tile {
     if (this.el.dataset.held === String(held)) return;
     this.el.dataset.held = String(held);
     this.el.querySelector('.held-note').hidden = !held;
-  }
-
-  /** The video shows a screen: shown whole (not cropped) and never mirrored. */
-  setScreen(on) {
-    this.el.dataset.screen = String(Boolean(on));
   }
 
   /** Marks the tile as a current speaker; the dominant speaker more strongly. */
@@ -1092,8 +1099,7 @@ class Session {
     if (typeof msg.video_muted === 'boolean') member.video_muted = msg.video_muted;
     member.screen = Boolean(msg.screen);
     const tile = this.grid.get(msg.id);
-    tile?.setMuted({ audio: member.audio_muted, video: member.video_muted && !member.screen });
-    tile?.setScreen(member.screen);
+    tile?.setMuted({ audio: member.audio_muted, video: member.video_muted, screen: member.screen });
     this.chooseFeatured();
     this.kick();
   }
@@ -1244,8 +1250,7 @@ class Session {
     this.refreshChatMembers();
     const tile = this.grid.get(member.id) ?? this.grid.add(new Tile({ id: member.id, name: member.name }));
     tile.setName(member.name);
-    tile.setMuted({ audio: member.audio_muted, video: member.video_muted && !member.screen });
-    tile.setScreen(member.screen);
+    tile.setMuted({ audio: member.audio_muted, video: member.video_muted, screen: member.screen });
     tile.setServerLeg(member.server_leg ?? 'connecting');
     tile.setSpeaking(this.speakers.indexOf(member.id));
     this.chooseFeatured();
@@ -1420,8 +1425,7 @@ class Session {
     const tracks = this.pathTracks(id, path);
     const rising = (track) => Boolean(track) && this.counters.get(track.id)?.risen === this.mode?.epoch;
     if (rising(tracks.video)) return true;
-    const cameraOff = member.video_muted && !member.screen;
-    if (!cameraOff && !this.videoHeld(id, path)) return false;
+    if (!cameraOff(member) && !this.videoHeld(id, path)) return false;
     // Camera off, or video held by the server (Last-N): audio is what
     // arrives; a member that sends nothing at all cannot hold a switch up.
     return rising(tracks.audio) || member.audio_muted;
@@ -1500,7 +1504,7 @@ class Session {
       const since = this.decodingSince.get(`${id}/${want}`);
       const member = this.members.get(id);
       if (since !== undefined && tile.streams[want]
-        && (tile.hasFrame(want) || (member.video_muted && !member.screen) || this.videoHeld(id, want)
+        && (tile.hasFrame(want) || cameraOff(member) || this.videoHeld(id, want)
           || now - since > SWAP_FRAME_GRACE_MS)) {
         this.swap(tile, want, 'decodes');
       }
@@ -1647,7 +1651,6 @@ class Session {
       this.localTile.setPathStream('direct', screen ? new MediaStream([screen]) : this.localStream);
       this.localTile.show('direct');
     }
-    this.localTile.setScreen(Boolean(screen));
     this.updateControls();
     this.sendMediaState();
   }
@@ -1669,7 +1672,7 @@ class Session {
     const hasVideo = Boolean(this.localStream?.getVideoTracks().length);
     setToggle($('mic-btn'), this.audioMuted, hasAudio, this.audioMuted ? '#icon-mic-off' : '#icon-mic');
     setToggle($('cam-btn'), this.videoMuted, hasVideo, this.videoMuted ? '#icon-cam-off' : '#icon-cam');
-    this.localTile?.setMuted({ audio: this.audioMuted, video: this.videoMuted && !this.screenTrack });
+    this.localTile?.setMuted({ audio: this.audioMuted, video: this.videoMuted, screen: Boolean(this.screenTrack) });
     const screenBtn = $('screen-btn');
     screenBtn.disabled = !this.screenTrack && !this.canShareScreen();
     screenBtn.setAttribute('aria-pressed', String(Boolean(this.screenTrack)));
