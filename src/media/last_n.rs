@@ -142,16 +142,18 @@ impl LastN {
             .cloned()
             .collect()
     }
-
-    /// [`LastN::ranking`] and [`LastN::select`] in one.
-    pub fn selection(&self, members: &[&str], subscriber: &str) -> Vec<String> {
-        self.select(&self.ranking(members), subscriber)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl LastN {
+        /// [`LastN::ranking`] and [`LastN::select`] in one.
+        fn selection(&self, members: &[&str], subscriber: &str) -> Vec<String> {
+            self.select(&self.ranking(members), subscriber)
+        }
+    }
 
     fn ids(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| (*s).to_owned()).collect()
